@@ -1,0 +1,1399 @@
+#!/usr/bin/env python3
+"""Benchmark driver: dicom-gateway vs Orthanc (+DICOMweb plugin) vs DCMTK storescp.
+
+Run it through bench/run (which installs the peers, the venv and builds the gateway).
+Everything runs on loopback; every server gets a fresh temporary data directory and
+the servers are benchmarked one after another (never concurrently).
+
+Phases per server:
+  A. fresh server: C-STORE 2,000 small MR instances, one association (storescu +sd +r)
+  B. fresh server: C-STORE the 500-instance 512x512 CT study, one association, then
+     20,000 small instances (200 studies) with 4 parallel storescu processes,
+     then QIDO latencies, then WADO-RS on the CT study (gateway and Orthanc only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import requests
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+DATA_VERSION = 3
+
+PROFILES = {
+    "full": dict(
+        mr_studies=10, mr_per_study=200,        # 2,000 MR 64x64
+        ct_count=500,                           # 500 CT 512x512, one study/series
+        small_studies=200, small_per_study=100,  # 20,000 small, 200 studies
+        parts=4,
+        qido_warmup=5, qido_n=50,
+        meta_n=10, frame_n=20, retrieve_n=3,
+    ),
+    "quick": dict(
+        mr_studies=4, mr_per_study=50,
+        ct_count=50,
+        small_studies=20, small_per_study=100,
+        parts=4,
+        qido_warmup=2, qido_n=10,
+        meta_n=3, frame_n=5, retrieve_n=1,
+    ),
+}
+
+SOP_CLASS = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+}
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPL_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root; fine for synthetic data
+
+FAMILY = ["ANDERSON", "BAKER", "CARTER", "DIAZ", "EVANS", "FISCHER", "GARCIA", "HUANG",
+          "IVANOV", "JOHANSSON", "KOWALSKI", "LAMBERT", "MORENO", "NAKAMURA", "OKAFOR",
+          "PETERSEN", "QUINN", "ROSSI", "SCHMIDT", "TANAKA"]
+GIVEN = ["ALICE", "BRUNO", "CHLOE", "DAVID", "ELENA", "FELIX", "GRACE", "HUGO", "IRIS", "JONAS"]
+
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+ACCEPT_DICOM_JSON = "application/dicom+json"
+ACCEPT_STUDY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+ACCEPT_FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic data
+# --------------------------------------------------------------------------------------
+
+def _uid() -> str:
+    from pydicom.uid import generate_uid
+    return generate_uid()
+
+
+def _write_instance(path: Path, st: dict, se: dict, inst_no: int, sop_uid: str,
+                    rows: int, cols: int, pixels: bytes, signed: bool) -> int:
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    mod = se["modality"]
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = SOP_CLASS[mod]
+    fm.MediaStorageSOPInstanceUID = sop_uid
+    fm.TransferSyntaxUID = EXPLICIT_VR_LE
+    fm.ImplementationClassUID = IMPL_CLASS_UID
+    fm.ImplementationVersionName = "DICOMGW_BENCH"
+
+    ds = Dataset()
+    ds.file_meta = fm
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if mod in ("CT", "MR") else "OTHER"]
+    ds.InstanceCreationDate = st["date"]
+    ds.SOPClassUID = SOP_CLASS[mod]
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = st["date"]
+    ds.SeriesDate = st["date"]
+    ds.ContentDate = st["date"]
+    ds.StudyTime = st["time"]
+    ds.SeriesTime = st["time"]
+    ds.ContentTime = st["time"]
+    ds.AccessionNumber = st["accession"]
+    ds.Modality = mod
+    ds.Manufacturer = "BENCH"
+    ds.InstitutionName = "Synthetic Hospital"
+    ds.ReferringPhysicianName = "REF^PHYSICIAN"
+    ds.StudyDescription = st["description"]
+    ds.SeriesDescription = se["description"]
+    ds.PatientName = st["patient_name"]
+    ds.PatientID = st["patient_id"]
+    ds.PatientBirthDate = st["birth_date"]
+    ds.PatientSex = st["sex"]
+    if mod in ("CT", "MR"):
+        ds.SliceThickness = "1.0"
+    if mod == "CT":
+        ds.KVP = "120"
+    ds.StudyInstanceUID = st["uid"]
+    ds.SeriesInstanceUID = se["uid"]
+    ds.StudyID = st["study_id"]
+    ds.SeriesNumber = se["number"]
+    ds.InstanceNumber = inst_no
+    if mod in ("CT", "MR"):
+        ds.ImagePositionPatient = [0.0, 0.0, float(inst_no)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.FrameOfReferenceUID = se["for_uid"]
+        ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    if mod == "CT":
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+    ds.PixelData = pixels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path.stat().st_size
+
+
+def _small_pixels(inst_no: int, size: int = 64) -> bytes:
+    y, x = np.mgrid[0:size, 0:size]
+    img = ((x * 37 + y * 11 + inst_no * 101) % 4096).astype(np.uint16)
+    return img.tobytes()
+
+
+def _write_small_study(args) -> tuple[int, int]:
+    """Worker: write all instances of one small study. Returns (count, bytes)."""
+    root, st = args
+    root = Path(root)
+    n = 0
+    nbytes = 0
+    for se in st["series"]:
+        for i in range(se["count"]):
+            inst_no = i + 1
+            p = root / st["dir"] / f"se{se['number']:02d}" / f"{inst_no:05d}.dcm"
+            nbytes += _write_instance(p, st, se, inst_no, _uid(), 64, 64,
+                                      _small_pixels(inst_no + se["number"] * 1000), False)
+            n += 1
+    return n, nbytes
+
+
+def _rand_date(rng: random.Random, start: _dt.date, end: _dt.date) -> str:
+    d = start + _dt.timedelta(days=rng.randrange((end - start).days + 1))
+    return d.strftime("%Y%m%d")
+
+
+def _study(rng, uid_counter: int, patient_id: str, patient_name: str, date: str, descr: str) -> dict:
+    return dict(
+        uid=_uid(), patient_id=patient_id, patient_name=patient_name,
+        birth_date=_rand_date(rng, _dt.date(1940, 1, 1), _dt.date(2005, 12, 31)),
+        sex=rng.choice(["F", "M"]), date=date,
+        time=f"{rng.randrange(7, 19):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}",
+        accession=f"ACC{uid_counter:07d}", study_id=f"{uid_counter % 100000}", description=descr,
+        series=[],
+    )
+
+
+def _split(total: int, k: int) -> list[int]:
+    base, extra = divmod(total, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def generate_dataset(cache: Path, prof: dict) -> dict:
+    """Generate (or reuse) the synthetic data set. Returns the manifest."""
+    manifest_path = cache / "manifest.json"
+    want = {k: prof[k] for k in ("mr_studies", "mr_per_study", "ct_count",
+                                 "small_studies", "small_per_study", "parts")}
+    if manifest_path.exists():
+        try:
+            m = json.loads(manifest_path.read_text())
+            if m.get("version") == DATA_VERSION and m.get("params") == want and m.get("complete"):
+                log(f"reusing cached data set {cache}")
+                return m
+        except Exception:
+            pass
+    if cache.exists():
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True)
+    t0 = time.monotonic()
+    rng = random.Random(20240601)
+    counter = 0
+
+    # --- 2,000 MR (several studies, 2 series each)
+    mr_studies = []
+    for s in range(prof["mr_studies"]):
+        counter += 1
+        st = _study(rng, counter, f"MRPAT{s:04d}", f"MRSMALL^PATIENT{s:02d}",
+                    _rand_date(rng, _dt.date(2023, 1, 1), _dt.date(2023, 12, 31)), "MR bench study")
+        st["dir"] = f"st{s:03d}"
+        for k, cnt in enumerate(_split(prof["mr_per_study"], 2)):
+            st["series"].append(dict(uid=_uid(), for_uid=_uid(), number=k + 1, modality="MR",
+                                     description=f"MR series {k + 1}", count=cnt))
+        mr_studies.append(st)
+
+    # --- 20,000 small, 200 studies, 100 instances each, 2-4 series, varied attributes
+    patients = []
+    n_patients = max(1, prof["small_studies"] // 2)
+    for p in range(n_patients):
+        patients.append((f"PID{p:05d}", f"{FAMILY[p % len(FAMILY)]}^{GIVEN[(p // len(FAMILY)) % len(GIVEN)]}"))
+    small_studies = []
+    mods = ["CT", "MR", "US", "CR"]
+    for s in range(prof["small_studies"]):
+        counter += 1
+        pid, pname = patients[s % n_patients]
+        main_mod = mods[s % 4]
+        st = _study(rng, counter, pid, pname,
+                    _rand_date(rng, _dt.date(2015, 1, 1), _dt.date(2024, 12, 31)),
+                    f"{main_mod} routine study")
+        st["dir"] = f"part{s % prof['parts']}/st{s:04d}"
+        nser = rng.choice([2, 3, 4])
+        series_mods = [main_mod] * nser
+        if rng.random() < 0.15:  # some mixed-modality studies
+            series_mods[-1] = rng.choice([m for m in mods if m != main_mod])
+        for k, cnt in enumerate(_split(prof["small_per_study"], nser)):
+            st["series"].append(dict(uid=_uid(), for_uid=_uid(), number=k + 1, modality=series_mods[k],
+                                     description=f"{series_mods[k]} series {k + 1}", count=cnt))
+        small_studies.append(st)
+
+    # --- CT large study
+    counter += 1
+    ct = _study(rng, counter, "CTPAT0001", "LARGE^CTSTUDY", "20240115", "CT large study")
+    ct["dir"] = "ct"
+    ct["series"].append(dict(uid=_uid(), for_uid=_uid(), number=1, modality="CT",
+                             description="CT 512x512", count=prof["ct_count"]))
+
+    # write MR + small in 2 processes
+    jobs = [(str(cache / "mr2k"), st) for st in mr_studies] + \
+           [(str(cache / "small20k"), st) for st in small_studies]
+    log(f"generating {sum(sum(se['count'] for se in st['series']) for _, st in jobs)} small instances "
+        f"+ {prof['ct_count']} CT instances into {cache} (one-time)")
+    with multiprocessing.Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
+        res = pool.map(_write_small_study, jobs, chunksize=4)
+    mr_res = res[:len(mr_studies)]
+    small_res = res[len(mr_studies):]
+
+    # CT: 512x512 signed 16-bit phantom varying per slice
+    y, x = np.mgrid[0:512, 0:512]
+    r2 = (x - 256) ** 2 + (y - 256) ** 2
+    base = np.where(r2 < 200 ** 2, 1024 + 40, 0).astype(np.int32)
+    se = ct["series"][0]
+    ct_instances = []
+    ct_bytes = 0
+    for i in range(prof["ct_count"]):
+        inst_no = i + 1
+        img = base + ((x * 3 + y * 5 + inst_no * 7) % 64) + np.where(r2 < (50 + i % 100) ** 2, 300, 0)
+        sop = _uid()
+        ct_instances.append(sop)
+        ct_bytes += _write_instance(cache / "ct500" / f"{inst_no:05d}.dcm", ct, se, inst_no, sop,
+                                    512, 512, img.astype(np.int16).tobytes(), True)
+
+    small_meta = [{k: st[k] for k in ("uid", "patient_id", "patient_name", "date")} |
+                  {"modalities": sorted({se["modality"] for se in st["series"]}),
+                   "series_modalities": [se["modality"] for se in st["series"]]}
+                  for st in small_studies]
+    m = dict(
+        version=DATA_VERSION, params=want, complete=True,
+        generated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        mr2k=dict(dir="mr2k", count=sum(r[0] for r in mr_res), bytes=sum(r[1] for r in mr_res),
+                  studies=len(mr_studies)),
+        small20k=dict(dir="small20k", parts=[f"small20k/part{i}" for i in range(prof["parts"])],
+                      count=sum(r[0] for r in small_res), bytes=sum(r[1] for r in small_res),
+                      studies=small_meta),
+        ct500=dict(dir="ct500", count=prof["ct_count"], bytes=ct_bytes, study_uid=ct["uid"],
+                   series_uid=se["uid"], instances=ct_instances, patient_id=ct["patient_id"],
+                   patient_name=ct["patient_name"], date=ct["date"]),
+    )
+    manifest_path.write_text(json.dumps(m, indent=1))
+    log(f"data set ready in {time.monotonic() - t0:.1f}s")
+    return m
+
+
+def warm_page_cache(cache: Path) -> None:
+    """Read every cached file once so that no server pays for cold client-side reads."""
+    t0 = time.monotonic()
+    n = 0
+    for root, _dirs, files in os.walk(cache):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+            n += 1
+    log(f"page cache warmed ({n} files, {time.monotonic() - t0:.1f}s)")
+
+
+def build_queries(m: dict) -> list[dict]:
+    """QIDO queries with their expected result counts (computed from the manifest).
+
+    Values are chosen so that no character needs percent-encoding: the very same literal
+    URL is valid for both servers (Orthanc does not percent-decode QIDO values). '*' is
+    a legal literal in a URI query (RFC 3986 sub-delims) and is sent as is.
+    """
+    studies = m["small20k"]["studies"]
+    ct = m["ct500"]
+    all_studies = studies + [dict(uid=ct["study_uid"], patient_id=ct["patient_id"],
+                                  patient_name=ct["patient_name"], date=ct["date"],
+                                  modalities=["CT"], series_modalities=["CT"])]
+    pid = studies[min(7, len(studies) - 1)]["patient_id"]
+    family = studies[min(3, len(studies) - 1)]["patient_name"].split("^")[0]
+    d0, d1 = "20190101", "20191231"
+    n_mr_series = sum(s["series_modalities"].count("MR") for s in all_studies)
+    total_instances = m["small20k"]["count"] + ct["count"]
+    return [
+        dict(key="all_studies", label="QIDO /studies (all)", path="/studies", query="",
+             expect=len(all_studies)),
+        dict(key="studies_limit50", label="QIDO /studies?limit=50", path="/studies", query="limit=50",
+             expect=min(50, len(all_studies))),
+        dict(key="patient_id", label=f"QIDO PatientID={pid}", path="/studies", query=f"PatientID={pid}",
+             expect=sum(1 for s in all_studies if s["patient_id"] == pid)),
+        dict(key="patient_name", label=f"QIDO PatientName={family}*", path="/studies",
+             query=f"PatientName={family}*",
+             expect=sum(1 for s in all_studies if s["patient_name"].startswith(family))),
+        dict(key="study_date", label=f"QIDO StudyDate={d0}-{d1}", path="/studies",
+             query=f"StudyDate={d0}-{d1}", expect=sum(1 for s in all_studies if d0 <= s["date"] <= d1)),
+        dict(key="modalities_ct", label="QIDO ModalitiesInStudy=CT", path="/studies",
+             query="ModalitiesInStudy=CT", expect=sum(1 for s in all_studies if "CT" in s["modalities"])),
+        dict(key="series_mr", label="QIDO /series?Modality=MR", path="/series", query="Modality=MR",
+             expect=n_mr_series),
+        dict(key="instances_limit100", label="QIDO /instances?limit=100", path="/instances",
+             query="limit=100", expect=min(100, total_instances)),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Process helpers
+# --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_status_kb(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples VmRSS of one process every `interval` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.010):
+        self.pid = pid
+        self.interval = interval
+        self.peak_kb = 0
+        self.start_kb = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            v = read_status_kb(self.pid, "VmRSS")
+            if v is not None:
+                self.peak_kb = max(self.peak_kb, v)
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.start_kb = read_status_kb(self.pid, "VmRSS") or 0
+        self.peak_kb = self.start_kb
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        v = read_status_kb(self.pid, "VmRSS")
+        if v is not None:
+            self.peak_kb = max(self.peak_kb, v)
+        return False
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_kb / 1024.0
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak_kb - self.start_kb) / 1024.0
+
+
+def run_dcmtk(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{cmd[0]} timed out after {timeout:.0f}s") from e
+
+
+def echo_ok(ae: str, port: int) -> bool:
+    r = subprocess.run(["echoscu", "-to", "5", "-ta", "5", "-td", "5", "-aet", "BENCHSCU", "-aec", ae,
+                        "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+    return r.returncode == 0
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------------------
+
+class Server:
+    name = "?"
+    ae = "?"
+    http_root: str | None = None
+
+    def __init__(self, work_root: Path | None):
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-", dir=work_root))
+        self.dimse_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "server.log"
+        self._logf = None
+
+    # subclasses: command(), env(), wait_ready()
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        return dict(os.environ)
+
+    def start(self, ready_timeout: float) -> None:
+        self._logf = open(self.log_path, "ab")
+        cmd = self.command()
+        log(f"starting {self.name}: {' '.join(cmd)}")
+        try:
+            self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self._logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
+        except OSError as e:
+            raise BenchError(f"cannot start {self.name}: {e}") from e
+        deadline = time.monotonic() + ready_timeout
+        last = "no answer yet"
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with code {self.proc.returncode} during start-up; "
+                                 f"log tail:\n{tail(self.log_path)}")
+            try:
+                ok, last = self.ready()
+                if ok:
+                    break
+            except Exception as e:
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"{self.name} not ready after {ready_timeout:.0f}s (last check: {last}); "
+                                 f"log tail:\n{tail(self.log_path)}")
+            time.sleep(0.2)
+        log(f"{self.name} ready (pid {self.proc.pid}, dimse {self.dimse_port}, http {self.http_port})")
+
+    def ready(self) -> tuple[bool, str]:
+        ok = echo_ok(self.ae, self.dimse_port)
+        return ok, "C-ECHO ok" if ok else f"C-ECHO to {self.ae} failed"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            rc = self.proc.returncode if self.proc else None
+            raise BenchError(f"{self.name} is not running (exit code {rc}); log tail:\n{tail(self.log_path)}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        elif self.proc is not None:
+            # leader gone; make sure no forked child of ours lingers in its process group
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._logf:
+            self._logf.close()
+            self._logf = None
+
+    def cleanup(self, keep: bool) -> None:
+        if keep:
+            log(f"kept {self.name} work dir {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- counting what was stored (for verification)
+    def stored_instances(self) -> int | None:
+        return None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{self.http_root}{path}"
+
+
+class StorescpServer(Server):
+    name = "storescp"
+    ae = "STORESCP"
+
+    def __init__(self, work_root, fork: bool):
+        super().__init__(work_root)
+        self.fork = fork
+        self.outdir = self.workdir / "out"
+        self.outdir.mkdir()
+
+    def command(self):
+        cmd = ["storescp"]
+        if self.fork:
+            cmd.append("--fork")
+        # +B: write received data exactly as read (closest to "raw disk")
+        return cmd + ["+B", "-aet", self.ae, "-od", str(self.outdir), str(self.dimse_port)]
+
+    def env(self):
+        return dict(DCMTK_ENV)
+
+    def stored_instances(self):
+        return sum(len(f) for _, _, f in os.walk(self.outdir))
+
+
+class OrthancServer(Server):
+    name = "orthanc"
+    ae = "ORTHANC"
+    http_root = "/dicom-web"
+
+    def __init__(self, work_root):
+        super().__init__(work_root)
+        cfg = {
+            "Name": "bench",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": self.ae,
+            "DicomPort": self.dimse_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        self.cfg_path = self.workdir / "orthanc.json"
+        self.cfg_path.write_text(json.dumps(cfg, indent=1))
+
+    def command(self):
+        return ["Orthanc", str(self.cfg_path)]
+
+    def env(self):
+        # Orthanc's DICOM layer is DCMTK: without TCP_NODELAY=1 in *its* environment its
+        # C-STORE responses wait on Nagle + delayed ACK (~20 inst/s instead of hundreds).
+        return dict(DCMTK_ENV)
+
+    def ready(self):
+        r = requests.get(f"http://127.0.0.1:{self.http_port}/system", timeout=2)
+        if r.status_code != 200:
+            return False, f"GET /system -> {r.status_code}"
+        # a real association, never a bare TCP connect (Orthanc stalls 30 s on idle sockets)
+        return super().ready()
+
+    def stored_instances(self):
+        r = requests.get(f"http://127.0.0.1:{self.http_port}/statistics", timeout=30)
+        r.raise_for_status()
+        return int(r.json()["CountInstances"])
+
+    def version(self) -> str:
+        try:
+            r = requests.get(f"http://127.0.0.1:{self.http_port}/system", timeout=5).json()
+            p = requests.get(f"http://127.0.0.1:{self.http_port}/plugins/dicom-web", timeout=5).json()
+            return f"Orthanc {r.get('Version')} + DICOMweb {p.get('Version')}"
+        except Exception:
+            return "Orthanc (version unknown)"
+
+
+class GatewayServer(Server):
+    name = "gateway"
+    ae = "DICOMGW"
+    http_root = "/dicomweb"
+
+    def __init__(self, work_root, binary: str):
+        super().__init__(work_root)
+        self.binary = binary
+
+    def command(self):
+        return [self.binary, "serve"]
+
+    def env(self):
+        e = dict(os.environ)
+        e.update({
+            "DICOMGW_DIMSE__BIND": f"127.0.0.1:{self.dimse_port}",
+            "DICOMGW_HTTP__BIND": f"127.0.0.1:{self.http_port}",
+            "DICOMGW_STORAGE__PATH": str(self.workdir / "objects"),
+            "DICOMGW_INDEX__URL": f"sqlite://{self.workdir}/index.db",
+            "DICOMGW_DIMSE__AE_TITLE": self.ae,
+        })
+        return e
+
+    def ready(self):
+        r = requests.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2)
+        if r.status_code != 200:
+            return False, f"GET /healthz -> {r.status_code}"
+        return super().ready()
+
+    def stored_instances(self):
+        # Sum NumberOfStudyRelatedInstances over all studies (QIDO); if the gateway can't say,
+        # count the object files (layout <study>/<series>/<sop>.dcm under the storage path).
+        try:
+            r = requests.get(self.url("/studies?includefield=00201208&limit=100000"),
+                             headers={"Accept": ACCEPT_DICOM_JSON}, timeout=60)
+            if r.status_code == 204:
+                return 0
+            if r.status_code == 200:
+                total = 0
+                for study in r.json():
+                    v = study.get("00201208", {}).get("Value")
+                    if not v:
+                        raise ValueError("no NumberOfStudyRelatedInstances")
+                    total += int(v[0])
+                return total
+        except Exception:
+            pass
+        objects = self.workdir / "objects"
+        if not objects.is_dir():
+            return None
+        return sum(1 for _, _, files in os.walk(objects) for f in files if f.endswith(".dcm"))
+
+
+# --------------------------------------------------------------------------------------
+# HTTP client with low overhead (keep-alive, http.client)
+# --------------------------------------------------------------------------------------
+
+class Http:
+    def __init__(self, port: int, timeout: float):
+        self.port = port
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _conn(self):
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            self.conn.connect()
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def get(self, path: str, accept: str, sink=None, chunk: int = 1 << 20):
+        """GET path; returns (status, headers, body_or_None, nbytes, t_total, t_first_byte).
+
+        With `sink` (callable taking bytes) the body is streamed into it and not kept.
+        """
+        for attempt in (0, 1):
+            try:
+                c = self._conn()
+                t0 = time.perf_counter()
+                c.request("GET", path, headers={"Accept": accept, "Connection": "keep-alive"})
+                resp = c.getresponse()
+                t_first = time.perf_counter() - t0
+                if sink is None:
+                    body = resp.read()
+                    nbytes = len(body)
+                else:
+                    body = None
+                    nbytes = 0
+                    while True:
+                        b = resp.read(chunk)
+                        if not b:
+                            break
+                        nbytes += len(b)
+                        sink(b)
+                t = time.perf_counter() - t0
+                if resp.will_close:
+                    self.close()
+                return resp.status, resp.headers, body, nbytes, t, t_first
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.CannotSendRequest):
+                self.close()
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def pct(values: list[float], p: float) -> float:
+    return float(np.percentile(np.array(values), p))
+
+
+# --------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------
+
+def storescu_cmd(srv: Server, dirs: list[Path]) -> list[str]:
+    return ["storescu", "-aet", "BENCHSCU", "-aec", srv.ae, "-to", "30", "-ta", "30", "-td", "120",
+            "+sd", "+r", "127.0.0.1", str(srv.dimse_port)] + [str(d) for d in dirs]
+
+
+def measure_ingest(srv: Server, dirs: list[Path], count: int, nbytes: int, parallel: bool,
+                   timeout: float) -> dict:
+    """Run one storescu per dir (in parallel if `parallel`, else a single storescu on all dirs)."""
+    before = srv.stored_instances() if srv.name != "storescp" else srv.stored_instances()
+    groups = [[d] for d in dirs] if parallel else [dirs]
+    sampler = RssSampler(srv.pid) if srv.name != "storescp" else None
+    t0 = time.perf_counter()
+    if sampler:
+        sampler.__enter__()
+    try:
+        procs = [subprocess.Popen(storescu_cmd(srv, g), env=DCMTK_ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for g in groups]
+        outs = []
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise BenchError(f"storescu timed out after {timeout:.0f}s")
+            outs.append((p.returncode, out))
+        wall = time.perf_counter() - t0
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
+    errors = [f"storescu rc={rc}: {out.strip().splitlines()[-3:] if out.strip() else ''}"
+              for rc, out in outs if rc != 0]
+    if errors:
+        raise BenchError("; ".join(errors))
+    warnings = [ln for _, out in outs for ln in out.splitlines() if ln.startswith(("E:", "W:"))]
+    # stored count (allow a short settle time for asynchronous indexing)
+    stored = None
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            after = srv.stored_instances()
+            if after is None or before is None:
+                break
+            stored = after - before
+            if stored >= count or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    except Exception as e:  # verification is best-effort
+        warnings.append(f"count verification failed: {e}")
+    res = dict(wall_s=wall, count=count, bytes=nbytes, inst_per_s=count / wall,
+               mb_per_s=nbytes / wall / 1e6, stored=stored, warnings=warnings[:5])
+    if sampler:
+        res["peak_rss_mb"] = sampler.peak_mb
+    log(f"  {srv.name}: {count} inst in {wall:.2f}s = {res['inst_per_s']:.0f} inst/s, "
+        f"{res['mb_per_s']:.1f} MB/s (stored {stored})")
+    return res
+
+
+def measure_qido(srv: Server, queries: list[dict], prof: dict, budget_s: float) -> dict:
+    h = Http(srv.http_port, timeout=120)
+    out = {}
+    try:
+        for q in queries:
+            path = srv.http_root + q["path"] + (("?" + q["query"]) if q["query"] else "")
+            res: dict = dict(path=path)
+            try:
+                times = []
+                t_start = time.monotonic()
+                count = None
+                for i in range(prof["qido_warmup"] + prof["qido_n"]):
+                    status, _hdr, body, _n, t, _tf = h.get(path, ACCEPT_DICOM_JSON)
+                    if status == 204:
+                        count = 0
+                    elif status == 200:
+                        count = len(json.loads(body))
+                    else:
+                        raise BenchError(f"HTTP {status}: {body[:200]!r}")
+                    if i >= prof["qido_warmup"]:
+                        times.append(t)
+                    if time.monotonic() - t_start > budget_s and len(times) >= 3:
+                        res["truncated"] = True
+                        break
+                res.update(p50_ms=pct(times, 50) * 1000, p99_ms=pct(times, 99) * 1000, n=len(times),
+                           results=count, expected=q["expect"])
+                log(f"  {srv.name} {q['label']}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
+                    f"{count} results (expected {q['expect']}), n={len(times)}")
+            except Exception as e:
+                res["error"] = str(e)
+                log(f"  {srv.name} {q['label']}: ERROR {e}")
+                h.close()
+                srv.check_alive()
+            out[q["key"]] = res
+    finally:
+        h.close()
+    return out
+
+
+class BoundaryCounter:
+    def __init__(self, boundary: bytes | None):
+        self.delim = b"--" + boundary if boundary else None
+        self.count = 0
+        self.carry = b""
+
+    def __call__(self, b: bytes):
+        if not self.delim:
+            return
+        buf = self.carry + b
+        self.count += buf.count(self.delim)
+        keep = len(self.delim) - 1
+        # keep a tail that cannot itself contain a full delimiter
+        self.carry = buf[-keep:] if keep > 0 else b""
+
+
+def _boundary(ctype: str | None) -> bytes | None:
+    if not ctype:
+        return None
+    for part in ctype.split(";"):
+        part = part.strip()
+        if part.lower().startswith("boundary="):
+            return part.split("=", 1)[1].strip().strip('"').encode()
+    return None
+
+
+def measure_wado(srv: Server, m: dict, prof: dict) -> dict:
+    ct = m["ct500"]
+    st, se = ct["study_uid"], ct["series_uid"]
+    inst = ct["instances"][len(ct["instances"]) // 2]
+    root = srv.http_root
+    out: dict = {}
+    h = Http(srv.http_port, timeout=600)
+    try:
+        out["rss_before_mb"] = (read_status_kb(srv.pid, "VmRSS") or 0) / 1024
+
+        # --- metadata
+        try:
+            path = f"{root}/studies/{st}/metadata"
+            times = []
+            with RssSampler(srv.pid) as rs:
+                for i in range(1 + prof["meta_n"]):
+                    status, _hdr, body, nbytes, t, _tf = h.get(path, ACCEPT_DICOM_JSON)
+                    if status != 200:
+                        raise BenchError(f"HTTP {status}: {body[:200]!r}")
+                    if i == 0:
+                        n_items = len(json.loads(body))
+                        out["metadata_cold_ms"] = t * 1000
+                        out["metadata_items"] = n_items
+                        out["metadata_bytes"] = nbytes
+                    else:
+                        times.append(t)
+            out.update(metadata_p50_ms=pct(times, 50) * 1000, metadata_n=len(times),
+                       metadata_peak_rss_mb=rs.peak_mb)
+            log(f"  {srv.name} metadata: cold {out['metadata_cold_ms']:.0f} ms, p50 "
+                f"{out['metadata_p50_ms']:.1f} ms, {out['metadata_items']} items, peak RSS {rs.peak_mb:.0f} MB")
+        except Exception as e:
+            out["metadata_error"] = str(e)
+            log(f"  {srv.name} metadata: ERROR {e}")
+            h.close()
+            srv.check_alive()
+
+        # --- whole-study retrieve (streamed, bytes counted, never held in memory)
+        try:
+            path = f"{root}/studies/{st}"
+            runs = []
+            with RssSampler(srv.pid) as rs:
+                for _ in range(prof["retrieve_n"]):
+                    status, hdr, _body, nbytes, t, tf = _get_multipart(h, path, ACCEPT_STUDY)
+                    if status != 200:
+                        raise BenchError(f"HTTP {status}")
+                    runs.append((t, tf, nbytes, hdr["parts"]))
+            ts = sorted(runs)
+            t_med, tf_med, nbytes, parts = ts[len(ts) // 2]
+            out.update(retrieve_s=t_med, retrieve_ttfb_ms=tf_med * 1000, retrieve_bytes=nbytes,
+                       retrieve_parts=parts, retrieve_mb_per_s=nbytes / t_med / 1e6,
+                       retrieve_n=len(runs), retrieve_peak_rss_mb=rs.peak_mb,
+                       retrieve_rss_growth_mb=rs.growth_mb, retrieve_rss_start_mb=rs.start_kb / 1024)
+            log(f"  {srv.name} retrieve: {t_med:.2f} s, {nbytes / 1e6:.1f} MB ({parts} parts), "
+                f"{out['retrieve_mb_per_s']:.0f} MB/s, TTFB {tf_med * 1000:.0f} ms, peak RSS {rs.peak_mb:.0f} MB")
+        except Exception as e:
+            out["retrieve_error"] = str(e)
+            log(f"  {srv.name} retrieve: ERROR {e}")
+            h.close()
+            srv.check_alive()
+
+        # --- one frame
+        try:
+            path = f"{root}/studies/{st}/series/{se}/instances/{inst}/frames/1"
+            times = []
+            with RssSampler(srv.pid) as rs:
+                for i in range(2 + prof["frame_n"]):
+                    status, hdr, body, nbytes, t, _tf = h.get(path, ACCEPT_FRAME)
+                    if status != 200:
+                        raise BenchError(f"HTTP {status}: {body[:200]!r}")
+                    if i == 0:
+                        out["frame_bytes"] = nbytes
+                        out["frame_content_type"] = hdr.get("Content-Type")
+                    if i >= 2:
+                        times.append(t)
+            out.update(frame_p50_ms=pct(times, 50) * 1000, frame_n=len(times), frame_peak_rss_mb=rs.peak_mb)
+            if out["frame_bytes"] < 512 * 512 * 2:
+                out["frame_warning"] = f"frame response only {out['frame_bytes']} bytes"
+            log(f"  {srv.name} frame: p50 {out['frame_p50_ms']:.2f} ms, {out['frame_bytes']} bytes")
+        except Exception as e:
+            out["frame_error"] = str(e)
+            log(f"  {srv.name} frame: ERROR {e}")
+            h.close()
+            srv.check_alive()
+
+        out["vmhwm_mb"] = (read_status_kb(srv.pid, "VmHWM") or 0) / 1024
+    finally:
+        h.close()
+    return out
+
+
+def _get_multipart(h: Http, path: str, accept: str):
+    """Streamed GET of a multipart response; counts bytes and parts."""
+    for attempt in (0, 1):
+        try:
+            c = h._conn()
+            t0 = time.perf_counter()
+            c.request("GET", path, headers={"Accept": accept, "Connection": "keep-alive"})
+            resp = c.getresponse()
+            tf = time.perf_counter() - t0
+            counter = BoundaryCounter(_boundary(resp.getheader("Content-Type")))
+            nbytes = 0
+            while True:
+                b = resp.read(1 << 20)
+                if not b:
+                    break
+                nbytes += len(b)
+                counter(b)
+            t = time.perf_counter() - t0
+            if resp.will_close:
+                h.close()
+            parts = max(0, counter.count - 1) if counter.delim else None
+            return resp.status, {"parts": parts, "ctype": resp.getheader("Content-Type")}, None, nbytes, t, tf
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                http.client.CannotSendRequest):
+            h.close()
+            if attempt == 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------
+
+def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cache: Path) -> dict:
+    res: dict = {"errors": []}
+    phases = args.only
+
+    def make(fork=False) -> Server:
+        if kind == "orthanc":
+            return OrthancServer(args.work_root)
+        if kind == "storescp":
+            return StorescpServer(args.work_root, fork=fork)
+        return GatewayServer(args.work_root, args.gateway_bin)
+
+    def run_phase(label, fn):
+        try:
+            return fn()
+        except Exception as e:
+            msg = f"{label}: {e}"
+            log(f"  {kind} {msg}")
+            if not isinstance(e, BenchError):
+                traceback.print_exc()
+            res["errors"].append(msg)
+            return None
+
+    # Phase A: 2,000 MR on a fresh server
+    if "ingest" in phases:
+        srv = make()
+        try:
+            run_phase("start", lambda: srv.start(args.ready_timeout))
+            if not srv.alive():
+                return res  # could not start: don't try phase B (saves the start-up timeout)
+            else:
+                r = run_phase("ingest 2k MR", lambda: measure_ingest(
+                    srv, [cache / m["mr2k"]["dir"]], m["mr2k"]["count"], m["mr2k"]["bytes"], False,
+                    args.ingest_timeout))
+                if r:
+                    res["ingest_mr"] = r
+                if kind == "orthanc":
+                    res["version"] = srv.version()
+        finally:
+            srv.stop()
+            srv.cleanup(args.keep)
+            os.sync()
+
+    # Phase B: CT + 20k (4-way) on a fresh server, then QIDO / WADO
+    need_small = "ingest" in phases or "qido" in phases
+    need_ct = "ingest" in phases or "qido" in phases or "wado" in phases
+    if not need_ct:
+        return res
+    srv = make(fork=True)
+    try:
+        run_phase("start", lambda: srv.start(args.ready_timeout))
+        if not srv.alive():
+            return res
+        if kind == "orthanc" and "version" not in res:
+            res["version"] = srv.version()
+        r = run_phase("ingest CT", lambda: measure_ingest(
+            srv, [cache / m["ct500"]["dir"]], m["ct500"]["count"], m["ct500"]["bytes"], False,
+            args.ingest_timeout))
+        if r:
+            res["ingest_ct"] = r
+        if need_small and srv.alive():
+            parts = [cache / p for p in m["small20k"]["parts"]]
+            r = run_phase("ingest 20k x4", lambda: measure_ingest(
+                srv, parts, m["small20k"]["count"], m["small20k"]["bytes"], True, args.ingest_timeout))
+            if r:
+                res["ingest_parallel"] = r
+        if kind != "storescp" and srv.alive():
+            if "qido" in phases:
+                r = run_phase("qido", lambda: measure_qido(srv, queries, prof, args.qido_budget))
+                if r:
+                    res["qido"] = r
+            if "wado" in phases and srv.alive():
+                r = run_phase("wado", lambda: measure_wado(srv, m, prof))
+                if r:
+                    res["wado"] = r
+        if not srv.alive():
+            res["errors"].append(f"{kind} died (exit code {srv.proc.returncode if srv.proc else '?'}); "
+                                 f"log tail:\n{tail(srv.log_path)}")
+    finally:
+        srv.stop()
+        srv.cleanup(args.keep)
+        os.sync()
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+def fmt(v, digits=1):
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, meta: dict) -> str:
+    gw, orth, scp = results.get("gateway"), results.get("orthanc"), results.get("storescp")
+    rows = []
+
+    def get(r, *keys):
+        cur = r
+        for k in keys:
+            if not isinstance(cur, dict) or k not in cur:
+                return None
+            cur = cur[k]
+        return cur
+
+    def ratio(g, o, higher_better):
+        if g is None or o is None or g == 0 or o == 0:
+            return None
+        return g / o if higher_better else o / g
+
+    def met(r, need):
+        if need is None:
+            return "—"
+        if r is None:
+            return "n/a"
+        return "yes" if r >= need else "**NO**"
+
+    def gw_cell(v, f=fmt):
+        if v is not None:
+            return f(v)
+        return "n/a" if gw is not None else "—"
+
+    # ingest rows
+    ingest = [("ingest_mr", f"C-STORE {m['mr2k']['count']:,} MR 64x64, 1 assoc"),
+              ("ingest_ct", f"C-STORE {m['ct500']['count']:,} CT 512x512, 1 assoc"),
+              ("ingest_parallel", f"C-STORE {m['small20k']['count']:,} small, 4 parallel assocs")]
+    for key, label in ingest:
+        def cell(r):
+            x = get(r, key)
+            if not x:
+                return None
+            flag = ""
+            if x.get("stored") is not None and x["stored"] != x["count"]:
+                flag = f" (!stored {x['stored']})"
+            return f"{x['inst_per_s']:,.0f} inst/s · {x['mb_per_s']:.1f} MB/s{flag}"
+        g, o, s = get(gw, key, "inst_per_s"), get(orth, key, "inst_per_s"), get(scp, key, "inst_per_s")
+        if g is None and o is None and s is None:
+            continue
+        r = ratio(g, o, True)
+        rows.append([label, gw_cell(cell(gw), str), cell(orth) or "—", fmt(r, 2) + "x" if r else "—",
+                     cell(scp) or "—", "≥2x Orthanc", met(r, 2.0)])
+
+    # QIDO rows
+    for q in queries:
+        g50, g99 = get(gw, "qido", q["key"], "p50_ms"), get(gw, "qido", q["key"], "p99_ms")
+        o50, o99 = get(orth, "qido", q["key"], "p50_ms"), get(orth, "qido", q["key"], "p99_ms")
+        if g50 is None and o50 is None:
+            continue
+        r50, r99 = ratio(g50, o50, False), ratio(g99, o99, False)
+        cell = lambda a, b: f"{fmt(a, 2)} / {fmt(b, 2)} ms" if a is not None else None
+        rows.append([q["label"] + " p50/p99", gw_cell(cell(g50, g99), str), cell(o50, o99) or "—",
+                     (f"{fmt(r50, 1)}x / {fmt(r99, 1)}x" if r50 else "—"), "—", "≥5x faster (p50)",
+                     met(r50, 5.0)])
+
+    # WADO rows
+    g, o = get(gw, "wado", "metadata_p50_ms"), get(orth, "wado", "metadata_p50_ms")
+    if g is not None or o is not None:
+        r = ratio(g, o, False)
+        c = lambda w: (f"{fmt(get(w, 'wado', 'metadata_p50_ms'), 1)} ms (cold "
+                       f"{fmt(get(w, 'wado', 'metadata_cold_ms'), 0)})") if get(w, "wado", "metadata_p50_ms") else None
+        rows.append([f"WADO metadata, {m['ct500']['count']}-instance study, p50", gw_cell(c(gw), str),
+                     c(orth) or "—", fmt(r, 1) + "x" if r else "—", "—", "≥5x faster", met(r, 5.0)])
+    g, o = get(gw, "wado", "retrieve_s"), get(orth, "wado", "retrieve_s")
+    if g is not None or o is not None:
+        r = ratio(g, o, False)
+        c = lambda w: (f"{get(w, 'wado', 'retrieve_s'):.2f} s · {get(w, 'wado', 'retrieve_mb_per_s'):.0f} MB/s"
+                       if get(w, "wado", "retrieve_s") else None)
+        rows.append([f"WADO whole-study retrieve ({m['ct500']['bytes'] / 1e6:.0f} MB)", gw_cell(c(gw), str),
+                     c(orth) or "—", fmt(r, 2) + "x" if r else "—", "—", "≥1x (≥ Orthanc)", met(r, 1.0)])
+    g, o = get(gw, "wado", "frame_p50_ms"), get(orth, "wado", "frame_p50_ms")
+    if g is not None or o is not None:
+        r = ratio(g, o, False)
+        rows.append(["WADO frame 1 (512x512), p50", gw_cell(fmt(g, 2) + " ms" if g is not None else None, str),
+                     (fmt(o, 2) + " ms") if o is not None else "—", fmt(r, 1) + "x" if r else "—", "—",
+                     "—", "—"])
+    # memory rows
+    study_mb = m["ct500"]["bytes"] / 1e6
+    for key, label in [("metadata_peak_rss_mb", "peak RSS during metadata"),
+                       ("retrieve_peak_rss_mb", "peak RSS during whole-study retrieve"),
+                       ("frame_peak_rss_mb", "peak RSS during frame requests"),
+                       ("vmhwm_mb", "VmHWM (process lifetime peak)")]:
+        g, o = get(gw, "wado", key), get(orth, "wado", key)
+        if g is None and o is None:
+            continue
+        r = ratio(g, o, False)
+        target, ok = "—", "—"
+        if key == "retrieve_peak_rss_mb":
+            target = f"bounded: growth < {study_mb / 2:.0f} MB (½ study)"
+            gg = get(gw, "wado", "retrieve_rss_growth_mb")
+            ok = "n/a" if gg is None else ("yes" if gg < study_mb / 2 else "**NO**")
+            cg = lambda w: (f"{fmt(get(w, 'wado', key), 0)} MB (+{fmt(get(w, 'wado', 'retrieve_rss_growth_mb'), 0)})"
+                            if get(w, "wado", key) is not None else None)
+        else:
+            cg = lambda w: f"{fmt(get(w, 'wado', key), 0)} MB" if get(w, "wado", key) is not None else None
+        rows.append([label, gw_cell(cg(gw), str), cg(orth) or "—", fmt(r, 2) + "x" if r else "—", "—",
+                     target, ok])
+    for key, label in [("ingest_parallel", "peak RSS during 4-way ingest")]:
+        g, o = get(gw, key, "peak_rss_mb"), get(orth, key, "peak_rss_mb")
+        if g is None and o is None:
+            continue
+        r = ratio(g, o, False)
+        rows.append([label, gw_cell(f"{g:.0f} MB" if g is not None else None, str),
+                     f"{o:.0f} MB" if o is not None else "—", fmt(r, 2) + "x" if r else "—", "—", "—", "—"])
+
+    hdr = ["Metric", "Gateway", "Orthanc", "Ratio vs Orthanc", "storescp", "Target", "Met"]
+    lines = [f"# dicom-gateway benchmark results ({'quick' if args.quick else 'full'} run)", "",
+             f"- date: {meta['date']}; host: {meta['host']}",
+             f"- peers: {meta.get('orthanc_version', 'Orthanc ?')}; {meta['dcmtk']}",
+             f"- gateway: {meta['gateway']}",
+             f"- data: {m['mr2k']['count']:,} MR 64x64 ({m['mr2k']['bytes'] / 1e6:.0f} MB), "
+             f"{m['ct500']['count']:,} CT 512x512 ({m['ct500']['bytes'] / 1e6:.0f} MB), "
+             f"{m['small20k']['count']:,} small in {len(m['small20k']['studies'])} studies "
+             f"({m['small20k']['bytes'] / 1e6:.0f} MB); Explicit VR LE",
+             f"- phases: {', '.join(args.only)}; servers: {', '.join(args.servers)}",
+             f"- load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in meta['load_start'])}, at end "
+             f"{'/'.join(f'{x:.2f}' for x in meta['load_end'])}"
+             + (" — **machine was busy: numbers are noisy**" if max(meta['load_start'][0], meta['load_end'][1]) > 1.0
+                else ""), "",
+             "Ratio: gateway/Orthanc for rates, Orthanc/gateway for latencies and memory (>1 = gateway better). "
+             "QIDO cells are p50 / p99.", "",
+             "| " + " | ".join(hdr) + " |", "|" + "|".join(["---"] * len(hdr)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+
+    # Notes
+    notes = []
+    for q in queries:
+        for name, r in (("gateway", gw), ("orthanc", orth)):
+            x = get(r, "qido", q["key"])
+            if not x:
+                continue
+            if "error" in x:
+                notes.append(f"{name} {q['label']}: error: {x['error']}")
+            elif x.get("results") != x.get("expected"):
+                notes.append(f"{name} {q['label']}: returned {x.get('results')} results, expected "
+                             f"{x.get('expected')}")
+            if x.get("truncated"):
+                notes.append(f"{name} {q['label']}: time budget hit, only {x['n']} timed requests")
+    for name, r in (("gateway", gw), ("orthanc", orth), ("storescp", scp)):
+        if not r:
+            continue
+        for key in ("ingest_mr", "ingest_ct", "ingest_parallel"):
+            x = get(r, key)
+            if x and x.get("stored") is not None and x["stored"] != x["count"]:
+                notes.append(f"{name} {key}: sent {x['count']} but {x['stored']} stored")
+            if x and x.get("stored") is None and name != "storescp":
+                notes.append(f"{name} {key}: stored count could not be verified")
+            if x and x.get("warnings"):
+                notes.append(f"{name} {key}: storescu said: {' | '.join(x['warnings'][:3])}")
+        w = get(r, "wado")
+        if w:
+            for k in ("metadata_error", "retrieve_error", "frame_error", "frame_warning"):
+                if k in w:
+                    notes.append(f"{name} WADO {k.split('_')[0]}: {w[k]}")
+            if w.get("metadata_items") is not None and w["metadata_items"] != m["ct500"]["count"]:
+                notes.append(f"{name} metadata returned {w['metadata_items']} items, expected {m['ct500']['count']}")
+            if w.get("retrieve_parts") is not None and w["retrieve_parts"] != m["ct500"]["count"]:
+                notes.append(f"{name} retrieve returned {w['retrieve_parts']} parts, expected {m['ct500']['count']}")
+            if "retrieve_ttfb_ms" in w:
+                notes.append(f"{name} retrieve: time to first byte {w['retrieve_ttfb_ms']:.0f} ms, "
+                             f"{w['retrieve_bytes'] / 1e6:.1f} MB in {w['retrieve_parts']} parts")
+            if "metadata_bytes" in w:
+                notes.append(f"{name} metadata: {w['metadata_bytes'] / 1e6:.2f} MB JSON, cold (first) "
+                             f"request {w['metadata_cold_ms']:.0f} ms")
+        for e in r.get("errors", []):
+            notes.append(f"{name} error: {e}")
+    if results.get("gateway_unavailable"):
+        notes.append(f"gateway not measured: {results['gateway_unavailable']}")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}".replace("\n", "\n  ") for n in notes]
+    lines += ["", "Method: storescu `+sd +r` (TCP_NODELAY=1); rates = files sent / wall time of the storescu "
+              "process(es), MB/s counts file bytes. storescp runs with `+B` (bit-preserving write) and "
+              "`--fork` for the 4-way case. Orthanc runs with its defaults (SQLite index, "
+              "SyncStorageArea=true, DICOMweb metadata mode Full). HTTP latencies are measured with a "
+              "keep-alive http.client connection, time to the last byte. RSS sampled every 10 ms from "
+              "/proc/PID/status."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts for a smoke run (~2 min)")
+    ap.add_argument("--only", default="ingest,qido,wado",
+                    help="comma list of phases: ingest,qido,wado (default: all)")
+    ap.add_argument("--servers", default="storescp,orthanc,gateway",
+                    help="comma list: storescp,orthanc,gateway (default: all)")
+    ap.add_argument("--gateway-bin", default=str(REPO_DIR / "target/release/dicom-gateway"))
+    ap.add_argument("--gateway-unavailable", default=None, metavar="REASON",
+                    help="skip the gateway and say why (used by bench/run when the build fails)")
+    ap.add_argument("--cache-dir", default=None, help="data cache (default bench/.cache/{full,quick})")
+    ap.add_argument("--work-root", default=None, help="parent dir for the servers' temp data dirs")
+    ap.add_argument("--out", default=None, help="markdown output (default bench/results.md; "
+                    "results-quick.md with --quick, results-partial.md for a subset)")
+    ap.add_argument("--keep", action="store_true", help="keep the servers' data dirs and logs")
+    ap.add_argument("--regen", action="store_true", help="regenerate the data set")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before starting, wait up to SECONDS for the 1-min load average to drop "
+                    "below --idle-load")
+    ap.add_argument("--idle-load", type=float, default=0.5)
+    ap.add_argument("--ready-timeout", type=float, default=60.0)
+    ap.add_argument("--ingest-timeout", type=float, default=900.0)
+    ap.add_argument("--qido-budget", type=float, default=30.0,
+                    help="max seconds of timed requests per QIDO query and server")
+    args = ap.parse_args()
+
+    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for p in args.only:
+        if p not in ("ingest", "qido", "wado"):
+            ap.error(f"unknown phase {p}")
+    for s in args.servers:
+        if s not in ("storescp", "orthanc", "gateway"):
+            ap.error(f"unknown server {s}")
+    if args.work_root:
+        Path(args.work_root).mkdir(parents=True, exist_ok=True)
+    prof = PROFILES["quick" if args.quick else "full"]
+    cache = Path(args.cache_dir) if args.cache_dir else BENCH_DIR / ".cache" / ("quick" if args.quick else "full")
+    if args.out:
+        out_md = Path(args.out)
+    elif args.quick:
+        out_md = BENCH_DIR / "results-quick.md"
+    elif len(args.only) < 3 or len(args.servers) < 3:
+        out_md = BENCH_DIR / "results-partial.md"  # never clobber a full run's results.md
+    else:
+        out_md = BENCH_DIR / "results.md"
+
+    for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
+        if shutil.which(tool) is None:
+            log(f"missing {tool}: run through bench/run (it installs orthanc, orthanc-dicomweb, dcmtk)")
+            return 2
+
+    if args.wait_idle > 0:
+        deadline = time.monotonic() + args.wait_idle
+        while os.getloadavg()[0] > args.idle_load and time.monotonic() < deadline:
+            log(f"waiting for an idle machine: load {os.getloadavg()[0]:.2f} > {args.idle_load}")
+            time.sleep(10)
+    t_start = time.monotonic()
+    if args.regen and cache.exists():
+        shutil.rmtree(cache)
+    m = generate_dataset(cache, prof)
+    warm_page_cache(cache)
+    queries = build_queries(m)
+
+    results: dict = {}
+    gw_reason = args.gateway_unavailable
+    if "gateway" in args.servers and not gw_reason:
+        b = Path(args.gateway_bin)
+        if not (b.is_file() and os.access(b, os.X_OK)):
+            gw_reason = f"binary not found: {b}"
+    if gw_reason and "gateway" in args.servers:
+        log(f"gateway skipped: {gw_reason}")
+        results["gateway_unavailable"] = gw_reason
+
+    dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout.splitlines()
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"),
+                host=f"{platform.node()}, {os.cpu_count()} cores, Linux {platform.release()}",
+                dcmtk=(dcmtk[0].strip("$ ").replace("dcmtk: ", "DCMTK ") if dcmtk else "DCMTK ?"),
+                gateway=("not run: " + gw_reason) if gw_reason else args.gateway_bin,
+                load_start=os.getloadavg())
+    if meta["load_start"][0] > 1.0:
+        log(f"WARNING: load average {meta['load_start'][0]:.2f} on {os.cpu_count()} cores: other work "
+            "is running, the numbers will be noisy")
+
+    for kind in args.servers:
+        if kind == "gateway" and gw_reason:
+            continue
+        log(f"=== {kind} ===")
+        t0 = time.monotonic()
+        results[kind] = bench_server(kind, args, m, prof, queries, cache)
+        log(f"=== {kind} done in {time.monotonic() - t0:.0f}s ===")
+        if kind == "orthanc" and results[kind].get("version"):
+            meta["orthanc_version"] = results[kind]["version"]
+
+    meta["load_end"] = os.getloadavg()
+    report = build_report(results, m, prof, queries, args, meta)
+    report += f"\nTotal bench time: {time.monotonic() - t_start:.0f}s\n"
+    print(report)
+    out_md.write_text(report)
+    out_md.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results,
+                                                          queries=queries), indent=1, default=str))
+    log(f"wrote {out_md} and {out_md.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+//! Wiring: opens storage and index, recovers from an interrupted previous run, and serves DIMSE and
+//! HTTP until SIGINT/SIGTERM.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::http::{HeaderName, Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use futures::TryStreamExt;
+use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::dicomweb::{self, WebState};
+use crate::dimse;
+use crate::index::Index;
+use crate::ingest::{spool, Ingestor};
+use crate::storage::{FsStore, ObjectStore};
+
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        FsStore::open(&config.storage.path)
+            .with_context(|| format!("opening storage at {}", config.storage.path.display()))?,
+    );
+    let index = Index::open(&config.index.url, config.index.max_connections)
+        .await
+        .with_context(|| format!("opening index {}", config.index.url))?;
+    let spool_dir = config.spool_path();
+    std::fs::create_dir_all(&spool_dir)?;
+    let stale = spool::clear_stale(&spool_dir)?;
+    if stale > 0 {
+        tracing::info!(stale, "removed spool files of objects never acknowledged");
+    }
+    let ingestor = Arc::new(Ingestor::new(
+        store.clone(),
+        index.clone(),
+        config.dimse.on_duplicate,
+        spool_dir,
+    )?);
+    // Before any listener opens, so that no new object can be mistaken for an orphan.
+    reconcile(store.clone(), index.clone(), ingestor.clone()).await;
+
+    let dimse_listener = TcpListener::bind(&config.dimse.bind)
+        .await
+        .with_context(|| format!("binding DIMSE to {}", config.dimse.bind))?;
+    let http_listener = TcpListener::bind(&config.http.bind)
+        .await
+        .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
+    let dimse_ctx = Arc::new(dimse::Context {
+        config: config.dimse.clone(),
+        ingestor,
+    });
+    let web = Arc::new(WebState {
+        index,
+        store,
+        public_url: config.http.public_url.clone(),
+    });
+    let router = http_router(web, &config.http.cors_allowed_origins);
+    tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
+
+    tokio::select! {
+        r = dimse::serve(dimse_listener, dimse_ctx) => r,
+        r = axum::serve(http_listener, router) => r.map_err(Into::into),
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
+    let health_state = web.clone();
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let state = health_state.clone();
+                async move { readiness(&state).await }
+            }),
+        )
+        .nest(dicomweb::ROOT, dicomweb::router(web))
+        .layer(TraceLayer::new_for_http());
+    if !cors_origins.is_empty() {
+        let origins = if cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(cors_origins.iter().filter_map(|o| o.parse().ok()))
+        };
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
+                .allow_headers([
+                    HeaderName::from_static("authorization"),
+                    HeaderName::from_static("accept"),
+                    HeaderName::from_static("content-type"),
+                ])
+                .expose_headers([
+                    HeaderName::from_static("warning"),
+                    HeaderName::from_static("content-location"),
+                ]),
+        );
+    }
+    router
+}
+
+async fn readiness(state: &WebState) -> impl IntoResponse {
+    let storage = state.store.health().await;
+    let index = state.index.health().await;
+    match (storage, index) {
+        (Ok(()), Ok(())) => (StatusCode::OK, "ready".to_string()),
+        (s, i) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "storage: {}\nindex: {}",
+                s.err().map_or("ok".into(), |e| e.to_string()),
+                i.err().map_or("ok".into(), |e| e.to_string())
+            ),
+        ),
+    }
+}
+
+/// Brings index and storage back in agreement after an interrupted run: objects stored but never
+/// indexed (the process died between the two steps) are indexed now; index rows whose object is
+/// missing (only possible if storage was altered behind our back) are reported.
+async fn reconcile(store: Arc<dyn ObjectStore>, index: Index, ingestor: Arc<Ingestor>) {
+    let indexed: HashSet<String> = match index.all_storage_keys().await {
+        Ok(keys) => keys.into_iter().collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "reconcile: cannot read index");
+            return;
+        }
+    };
+    let mut seen = HashSet::with_capacity(indexed.len());
+    let mut recovered = 0usize;
+    let mut keys = store.list();
+    loop {
+        let key = match keys.try_next().await {
+            Ok(Some(key)) => key,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile: cannot list storage");
+                return;
+            }
+        };
+        if indexed.contains(&key) {
+            seen.insert(key);
+            continue;
+        }
+        match ingestor.index_stored_object(&key).await {
+            Ok(outcome) => {
+                recovered += 1;
+                tracing::info!(
+                    key,
+                    ?outcome,
+                    "reconcile: indexed object stored by an interrupted run"
+                );
+            }
+            Err(e) => tracing::error!(key, error = %e, "reconcile: cannot index stored object"),
+        }
+    }
+    let missing: Vec<&String> = indexed.difference(&seen).collect();
+    for key in &missing {
+        tracing::error!(key = %key, "reconcile: index row without object in storage");
+    }
+    tracing::info!(
+        objects = seen.len() + recovered,
+        recovered,
+        missing = missing.len(),
+        "reconcile finished"
+    );
+}

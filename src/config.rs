@@ -1,0 +1,278 @@
+//! Gateway configuration: embedded defaults, an optional TOML file, then environment overrides.
+//!
+//! Every key of `config/default.toml` can be overridden by an environment variable named
+//! `DICOMGW_<SECTION>__<KEY>` (upper case, two underscores between section and key), for example
+//! `DICOMGW_DIMSE__AE_TITLE=PACS1` or `DICOMGW_HTTP__BIND=127.0.0.1:8080`. Values are parsed as TOML
+//! scalars when they parse (numbers, booleans, `["a","b"]` arrays), else taken as strings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+pub const ENV_PREFIX: &str = "DICOMGW_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub dimse: DimseConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub index: IndexConfig,
+    pub log: LogConfig,
+}
+
+/// What to do when an instance arrives whose SOP Instance UID is already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicatePolicy {
+    /// Keep the stored copy, discard the new one, answer success.
+    KeepFirst,
+    /// Replace the stored copy with the new one.
+    Replace,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DimseConfig {
+    pub ae_title: String,
+    pub bind: String,
+    /// Reject associations whose called AE title is not `ae_title`.
+    pub check_called_ae: bool,
+    /// Accept Storage SOP classes that are not in the standard dictionary (private classes).
+    pub accept_private_sop_classes: bool,
+    pub max_associations: usize,
+    /// Largest PDU we accept (and announce) in bytes.
+    pub max_pdu_length: u32,
+    pub read_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+    /// Largest object (dataset bytes) accepted by C-STORE; larger ones get A700.
+    pub max_object_size: u64,
+    pub on_duplicate: DuplicatePolicy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub bind: String,
+    /// Base URL clients reach the gateway at (for RetrieveURL / BulkDataURI); derived from the
+    /// request's Host header when empty.
+    pub public_url: String,
+    /// Origins allowed by CORS; `["*"]` allows any. Empty disables CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: String,
+    pub path: PathBuf,
+    /// Where incoming objects are spooled before they are stored; must be on the same filesystem
+    /// as `path` for the filesystem backend so that storing is a rename. Defaults to `<path>/../spool`.
+    pub spool_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `dicom_gateway=debug,info`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dimse: DimseConfig::default(),
+            http: HttpConfig::default(),
+            storage: StorageConfig::default(),
+            index: IndexConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DimseConfig {
+    fn default() -> Self {
+        DimseConfig {
+            ae_title: "DICOMGW".into(),
+            bind: "0.0.0.0:11112".into(),
+            check_called_ae: true,
+            accept_private_sop_classes: false,
+            max_associations: 64,
+            max_pdu_length: 65_536,
+            read_timeout_secs: 60,
+            write_timeout_secs: 60,
+            max_object_size: 4 << 30,
+            on_duplicate: DuplicatePolicy::KeepFirst,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: "0.0.0.0:8080".into(),
+            public_url: String::new(),
+            cors_allowed_origins: vec!["*".into()],
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: "filesystem".into(),
+            path: PathBuf::from("data/objects"),
+            spool_path: None,
+        }
+    }
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            url: "sqlite://data/index.db".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the embedded defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, std::env::vars())?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let ae = self.dimse.ae_title.trim();
+        if ae.is_empty() || ae.len() > 16 || !ae.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+            bail!("dimse.ae_title must be 1-16 printable ASCII characters");
+        }
+        if self.dimse.max_pdu_length < 4096 {
+            bail!("dimse.max_pdu_length must be at least 4096");
+        }
+        if self.storage.backend != "filesystem" {
+            bail!(
+                "storage.backend {:?} is not supported (supported: \"filesystem\")",
+                self.storage.backend
+            );
+        }
+        if !self.index.url.starts_with("sqlite:") {
+            bail!("index.url must be a sqlite:// URL");
+        }
+        Ok(())
+    }
+
+    pub fn spool_path(&self) -> PathBuf {
+        self.storage.spool_path.clone().unwrap_or_else(|| {
+            self.storage
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("spool")
+        })
+    }
+}
+
+/// Folds `DICOMGW_SECTION__KEY=value` variables into the TOML table.
+fn apply_env(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let section = section.to_ascii_lowercase();
+        let key = key.to_ascii_lowercase();
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            bail!("config section {section} is not a table");
+        };
+        section_table.insert(key, parse_env_value(&value));
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_values_and_types() {
+        let mut table: toml::Table = "[dimse]\nae_title = \"A\"\n".parse().unwrap();
+        let vars = vec![
+            ("DICOMGW_DIMSE__AE_TITLE".to_string(), "PACS".to_string()),
+            ("DICOMGW_DIMSE__MAX_ASSOCIATIONS".into(), "3".into()),
+            ("DICOMGW_HTTP__BIND".into(), "127.0.0.1:1".into()),
+            (
+                "DICOMGW_HTTP__CORS_ALLOWED_ORIGINS".into(),
+                "[\"x\"]".into(),
+            ),
+            ("OTHER".into(), "1".into()),
+        ];
+        apply_env(&mut table, vars.into_iter()).unwrap();
+        let c: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(c.dimse.ae_title, "PACS");
+        assert_eq!(c.dimse.max_associations, 3);
+        assert_eq!(c.http.bind, "127.0.0.1:1");
+        assert_eq!(c.http.cors_allowed_origins, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn default_config_file_matches_embedded_defaults() {
+        let text = include_str!("../config/default.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.dimse.ae_title, d.dimse.ae_title);
+        assert_eq!(c.dimse.bind, d.dimse.bind);
+        assert_eq!(c.http.bind, d.http.bind);
+        assert_eq!(c.storage.path, d.storage.path);
+        assert_eq!(c.index.url, d.index.url);
+        assert_eq!(c.dimse.max_object_size, d.dimse.max_object_size);
+        assert_eq!(c.dimse.on_duplicate, d.dimse.on_duplicate);
+        c.validate().unwrap();
+    }
+}

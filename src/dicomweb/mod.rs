@@ -1,0 +1,100 @@
+//! DICOMweb out (PS3.18), mounted under `/dicomweb`:
+//!
+//! - [`qido`]: QIDO-RS search over the index;
+//! - [`metadata`]: WADO-RS metadata, served from the DICOM JSON kept in the index;
+//! - [`retrieve`]: WADO-RS instances, frames and bulk data, streamed from storage;
+//! - [`media`], [`multipart`], [`error`]: content negotiation, streamed multipart bodies, errors.
+//!
+//! Architecture invariant: QIDO and metadata never touch object storage.
+
+mod error;
+mod media;
+mod metadata;
+mod multipart;
+mod qido;
+mod retrieve;
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::Router;
+
+use crate::index::Index;
+use crate::storage::ObjectStore;
+pub use error::ApiError;
+
+pub const ROOT: &str = "/dicomweb";
+
+pub struct WebState {
+    pub index: Index,
+    pub store: Arc<dyn ObjectStore>,
+    /// Configured public URL (without trailing slash), or empty to use the Host header.
+    pub public_url: String,
+}
+
+impl WebState {
+    /// The DICOMweb base URL clients should use, e.g. `http://host:8080/dicomweb`.
+    pub fn base_url(&self, headers: &HeaderMap) -> String {
+        if !self.public_url.is_empty() {
+            return format!("{}{ROOT}", self.public_url.trim_end_matches('/'));
+        }
+        let host = headers
+            .get("x-forwarded-host")
+            .or_else(|| headers.get("host"))
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        let scheme = headers
+            .get("x-forwarded-proto")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("http");
+        format!("{scheme}://{host}{ROOT}")
+    }
+}
+
+pub fn router(state: Arc<WebState>) -> Router {
+    Router::new()
+        .route("/studies", get(qido::studies))
+        .route("/series", get(qido::series))
+        .route("/instances", get(qido::instances))
+        .route("/studies/{study}", get(retrieve::study))
+        .route("/studies/{study}/metadata", get(metadata::study))
+        .route("/studies/{study}/series", get(qido::study_series))
+        .route("/studies/{study}/instances", get(qido::study_instances))
+        .route("/studies/{study}/series/{series}", get(retrieve::series))
+        .route(
+            "/studies/{study}/series/{series}/metadata",
+            get(metadata::series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances",
+            get(qido::series_instances),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}",
+            get(retrieve::instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/metadata",
+            get(metadata::instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+            get(retrieve::frames),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/bulk/{*path}",
+            get(retrieve::bulk),
+        )
+        .with_state(state)
+}
+
+/// Rejects path UIDs that are not UIDs (400) before they reach the index.
+fn check_uids(uids: &[&str]) -> Result<(), ApiError> {
+    for uid in uids {
+        if !crate::index::query::is_valid_uid(uid) {
+            return Err(ApiError::BadRequest(format!("{uid:?} is not a valid UID")));
+        }
+    }
+    Ok(())
+}

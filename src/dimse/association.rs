@@ -1,0 +1,280 @@
+//! One association, from A-ASSOCIATE-AC to release or abort: P-DATA fragments are reassembled into
+//! command sets and data sets (which may be split across any number of PDVs and PDUs) and dispatched
+//! to the DIMSE services.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dicom_ul::association::server::AsyncServerAssociation;
+use dicom_ul::association::Association;
+use dicom_ul::pdu::{
+    AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType,
+    PresentationContextResultReason,
+};
+use dicom_ul::Pdu;
+use tokio::net::TcpStream;
+
+use super::command::{elem, field, Command, CommandBuilder, MAX_COMMAND_LENGTH, NO_DATA_SET};
+use super::store::PendingStore;
+use super::Context;
+
+/// An accepted presentation context.
+struct PresentationContext {
+    abstract_syntax: String,
+    transfer_syntax: String,
+}
+
+/// What the association is in the middle of receiving.
+enum State {
+    /// Between messages, or collecting command fragments.
+    Command { pc: u8, buf: Vec<u8> },
+    /// Receiving the data set of a C-STORE.
+    StoreData { pc: u8, store: Box<PendingStore> },
+    /// Receiving (and dropping) the data set of a command we do not serve.
+    Discard { pc: u8, response: Vec<u8> },
+}
+
+/// Why the association ended abnormally; we answer with A-ABORT.
+#[derive(Debug, thiserror::Error)]
+enum ProtocolError {
+    #[error("{0}")]
+    Violation(String),
+    #[error("peer idle for longer than the read timeout")]
+    Timeout,
+    #[error("network error: {0}")]
+    Network(String),
+}
+
+pub async fn run(mut assoc: AsyncServerAssociation<TcpStream>, ctx: &Context) {
+    let calling_ae = assoc.peer_ae_title().trim().to_string();
+    let contexts: HashMap<u8, PresentationContext> = assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| {
+            (
+                pc.id,
+                PresentationContext {
+                    abstract_syntax: pc.abstract_syntax.trim_end_matches('\0').to_string(),
+                    transfer_syntax: pc.transfer_syntax.trim_end_matches('\0').to_string(),
+                },
+            )
+        })
+        .collect();
+    tracing::info!(
+        calling_ae,
+        contexts = contexts.len(),
+        "association accepted"
+    );
+    let mut conn = Connection {
+        ctx,
+        calling_ae: &calling_ae,
+        contexts,
+        state: State::Command {
+            pc: 0,
+            buf: Vec::new(),
+        },
+    };
+    let read_timeout = Duration::from_secs(ctx.config.read_timeout_secs);
+    loop {
+        let pdu = match tokio::time::timeout(read_timeout, assoc.receive()).await {
+            Err(_) => Err(ProtocolError::Timeout),
+            Ok(Err(e)) => Err(ProtocolError::Network(e.to_string())),
+            Ok(Ok(pdu)) => Ok(pdu),
+        };
+        let result = match pdu {
+            Ok(Pdu::PData { data }) => conn.on_pdata(&mut assoc, data).await,
+            Ok(Pdu::ReleaseRQ) => {
+                let _ = assoc.send(&Pdu::ReleaseRP).await;
+                tracing::info!(calling_ae, "association released");
+                return;
+            }
+            Ok(Pdu::AbortRQ { .. }) => {
+                tracing::info!(calling_ae, "association aborted by peer");
+                return;
+            }
+            Ok(other) => Err(ProtocolError::Violation(format!(
+                "unexpected {}",
+                other.short_description()
+            ))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(calling_ae, error = %e, "aborting association");
+            if !matches!(e, ProtocolError::Network(_)) {
+                let _ = assoc
+                    .send(&Pdu::AbortRQ {
+                        source: AbortRQSource::ServiceProvider(
+                            AbortRQServiceProviderReason::UnexpectedPdu,
+                        ),
+                    })
+                    .await;
+            }
+            return;
+        }
+    }
+}
+
+struct Connection<'a> {
+    ctx: &'a Context,
+    calling_ae: &'a str,
+    contexts: HashMap<u8, PresentationContext>,
+    state: State,
+}
+
+impl Connection<'_> {
+    async fn on_pdata(
+        &mut self,
+        assoc: &mut AsyncServerAssociation<TcpStream>,
+        pdvs: Vec<PDataValue>,
+    ) -> Result<(), ProtocolError> {
+        for pdv in pdvs {
+            if !self.contexts.contains_key(&pdv.presentation_context_id) {
+                return Err(ProtocolError::Violation(format!(
+                    "PDV on presentation context {} which was not accepted",
+                    pdv.presentation_context_id
+                )));
+            }
+            if let Some((pc, response)) = self.on_pdv(pdv).await? {
+                send_command(assoc, pc, response).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds one PDV; returns a response command to send when a message completes.
+    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+        let pc = pdv.presentation_context_id;
+        match (&mut self.state, pdv.value_type) {
+            (State::Command { pc: cur, buf }, PDataValueType::Command) => {
+                if !buf.is_empty() && *cur != pc {
+                    return Err(ProtocolError::Violation(
+                        "command fragments on different presentation contexts".into(),
+                    ));
+                }
+                *cur = pc;
+                if buf.len() + pdv.data.len() > MAX_COMMAND_LENGTH {
+                    return Err(ProtocolError::Violation("command set too long".into()));
+                }
+                buf.extend_from_slice(&pdv.data);
+                if !pdv.is_last {
+                    return Ok(None);
+                }
+                let bytes = std::mem::take(buf);
+                let cmd =
+                    Command::decode(&bytes).map_err(|e| ProtocolError::Violation(e.to_string()))?;
+                self.on_command(pc, cmd).await
+            }
+            (State::StoreData { pc: cur, store }, PDataValueType::Data) if *cur == pc => {
+                store.write(self.ctx, &pdv.data).await;
+                if !pdv.is_last {
+                    return Ok(None);
+                }
+                let State::StoreData { store, .. } = self.idle() else {
+                    unreachable!()
+                };
+                Ok(Some((pc, store.finish(self.ctx, self.calling_ae).await)))
+            }
+            (State::Discard { pc: cur, .. }, PDataValueType::Data) if *cur == pc => {
+                if !pdv.is_last {
+                    return Ok(None);
+                }
+                let State::Discard { response, .. } = self.idle() else {
+                    unreachable!()
+                };
+                Ok(Some((pc, response)))
+            }
+            (State::Command { .. }, PDataValueType::Data) => Err(ProtocolError::Violation(
+                "data set fragment without a command".into(),
+            )),
+            _ => Err(ProtocolError::Violation(
+                "fragment of an unexpected type or presentation context".into(),
+            )),
+        }
+    }
+
+    fn idle(&mut self) -> State {
+        std::mem::replace(
+            &mut self.state,
+            State::Command {
+                pc: 0,
+                buf: Vec::new(),
+            },
+        )
+    }
+
+    async fn on_command(
+        &mut self,
+        pc: u8,
+        cmd: Command,
+    ) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+        let command_field = cmd
+            .command_field()
+            .map_err(|e| ProtocolError::Violation(e.to_string()))?;
+        let context = &self.contexts[&pc];
+        match command_field {
+            field::C_ECHO_RQ => Ok(Some((pc, super::echo::response(&cmd)))),
+            field::C_STORE_RQ if cmd.has_data_set() => {
+                let store = PendingStore::begin(
+                    self.ctx,
+                    &cmd,
+                    &context.abstract_syntax,
+                    &context.transfer_syntax,
+                    self.calling_ae,
+                )
+                .await;
+                self.state = State::StoreData {
+                    pc,
+                    store: Box::new(store),
+                };
+                Ok(None)
+            }
+            field::C_STORE_RQ => Err(ProtocolError::Violation(
+                "C-STORE-RQ without a data set".into(),
+            )),
+            // C-CANCEL has no response; nothing of ours is cancellable yet.
+            field::C_CANCEL_RQ => Ok(None),
+            other => {
+                // PS3.7 C.5: an operation we do not provide gets "unrecognized operation".
+                let response = CommandBuilder::new()
+                    .uid(
+                        elem::AFFECTED_SOP_CLASS_UID,
+                        &cmd.string(elem::AFFECTED_SOP_CLASS_UID).unwrap_or_default(),
+                    )
+                    .u16(elem::COMMAND_FIELD, other | 0x8000)
+                    .u16(
+                        elem::MESSAGE_ID_BEING_RESPONDED_TO,
+                        cmd.message_id().unwrap_or(0),
+                    )
+                    .u16(elem::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+                    .u16(elem::STATUS, 0x0211)
+                    .encode();
+                if cmd.has_data_set() {
+                    self.state = State::Discard { pc, response };
+                    Ok(None)
+                } else {
+                    Ok(Some((pc, response)))
+                }
+            }
+        }
+    }
+}
+
+async fn send_command(
+    assoc: &mut AsyncServerAssociation<TcpStream>,
+    pc: u8,
+    command: Vec<u8>,
+) -> Result<(), ProtocolError> {
+    let pdu = Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: pc,
+            value_type: PDataValueType::Command,
+            is_last: true,
+            data: command,
+        }],
+    };
+    assoc
+        .send(&pdu)
+        .await
+        .map_err(|e| ProtocolError::Network(e.to_string()))
+}

@@ -1,0 +1,180 @@
+//! DIMSE in: the DICOM upper layer listener and the services it provides.
+//!
+//! - this file: accept loop, association cap, association negotiation (called AE title check,
+//!   presentation contexts, PDU size, timeouts);
+//! - [`association`]: one association's message loop (PDV reassembly, release, abort);
+//! - [`command`]: command set encoding; [`echo`] and [`store`]: the services.
+//!
+//! Presentation contexts are accepted for any abstract syntax with one of our transfer syntaxes; the
+//! C-STORE handler then checks the SOP class against the standard dictionary (0122 otherwise), so the
+//! list of Storage SOP classes is the dictionary's, not ours.
+
+mod association;
+mod command;
+mod echo;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::server::{AccessControl, DefaultNegotiation, ServerAssociationOptions};
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, UserIdentity,
+};
+use dicom_ul::Pdu;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::config::DimseConfig;
+use crate::ingest::Ingestor;
+
+/// Transfer syntaxes we accept on the wire (objects are stored as received).
+pub const TRANSFER_SYNTAXES: &[&str] = &[
+    "1.2.840.10008.1.2.1",     // Explicit VR Little Endian
+    "1.2.840.10008.1.2",       // Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",     // Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.1.99",  // Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.5",     // RLE Lossless
+    "1.2.840.10008.1.2.4.50",  // JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  // JPEG Extended
+    "1.2.840.10008.1.2.4.57",  // JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  // JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  // JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  // JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  // JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  // JPEG 2000
+    "1.2.840.10008.1.2.4.92",  // JPEG 2000 Part 2 Lossless
+    "1.2.840.10008.1.2.4.93",  // JPEG 2000 Part 2
+    "1.2.840.10008.1.2.4.201", // HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202", // HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203", // HTJ2K
+    "1.2.840.10008.1.2.4.100", // MPEG2 MP@ML
+    "1.2.840.10008.1.2.4.100.1",
+    "1.2.840.10008.1.2.4.101", // MPEG2 MP@HL
+    "1.2.840.10008.1.2.4.101.1",
+    "1.2.840.10008.1.2.4.102", // MPEG-4 AVC/H.264 HiP@4.1
+    "1.2.840.10008.1.2.4.102.1",
+    "1.2.840.10008.1.2.4.103", // MPEG-4 AVC/H.264 BD-compatible
+    "1.2.840.10008.1.2.4.103.1",
+    "1.2.840.10008.1.2.4.104", // MPEG-4 AVC/H.264 HiP@4.2 2D
+    "1.2.840.10008.1.2.4.104.1",
+    "1.2.840.10008.1.2.4.105", // MPEG-4 AVC/H.264 HiP@4.2 3D
+    "1.2.840.10008.1.2.4.105.1",
+    "1.2.840.10008.1.2.4.106", // MPEG-4 AVC/H.264 Stereo HiP@4.2
+    "1.2.840.10008.1.2.4.106.1",
+    "1.2.840.10008.1.2.4.107", // HEVC/H.265 Main Profile
+    "1.2.840.10008.1.2.4.108", // HEVC/H.265 Main 10 Profile
+];
+
+/// What every association handler shares.
+pub struct Context {
+    pub config: DimseConfig,
+    pub ingestor: Arc<Ingestor>,
+}
+
+/// Accepts associations only when they call our AE title (if so configured).
+struct CalledAeCheck {
+    enforce: bool,
+}
+
+impl AccessControl for CalledAeCheck {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        _calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if !self.enforce || called_ae_title.trim() == this_ae_title.trim() {
+            Ok(())
+        } else {
+            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        }
+    }
+}
+
+type Options = ServerAssociationOptions<'static, CalledAeCheck, DefaultNegotiation>;
+
+fn association_options(config: &DimseConfig) -> Options {
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(CalledAeCheck {
+            enforce: config.check_called_ae,
+        })
+        .ae_title(config.ae_title.clone())
+        .promiscuous(true)
+        .max_pdu_length(config.max_pdu_length)
+        .strict(true)
+        .read_timeout(Duration::from_secs(config.read_timeout_secs))
+        .write_timeout(Duration::from_secs(config.write_timeout_secs))
+        .with_abstract_syntax(echo::VERIFICATION);
+    for ts in TRANSFER_SYNTAXES {
+        options = options.with_transfer_syntax(*ts);
+    }
+    options
+}
+
+/// Runs the DIMSE listener until the process stops.
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<()> {
+    let options = Arc::new(association_options(&ctx.config));
+    let slots = Arc::new(Semaphore::new(ctx.config.max_associations));
+    tracing::info!(addr = %listener.local_addr()?, ae_title = %ctx.config.ae_title, "DIMSE listening");
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let ctx = ctx.clone();
+        let options = options.clone();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    match options.establish_async(socket).await {
+                        Ok(assoc) => association::run(assoc, &ctx).await,
+                        Err(e) => tracing::info!(%peer, error = %e, "association not established"),
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "association limit reached, rejecting");
+                tokio::spawn(reject_busy(socket, ctx.config.read_timeout_secs));
+            }
+        }
+    }
+}
+
+/// Answers an association request with A-ASSOCIATE-RJ (transient, local limit exceeded).
+async fn reject_busy(mut socket: TcpStream, timeout_secs: u64) {
+    let read_request = async {
+        let mut header = [0u8; 6];
+        socket.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as u64;
+        if header[0] != 0x01 || len > 1 << 20 {
+            return Ok::<bool, std::io::Error>(false);
+        }
+        tokio::io::copy(&mut (&mut socket).take(len), &mut tokio::io::sink()).await?;
+        Ok(true)
+    };
+    let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(timeout_secs), read_request).await
+    else {
+        return;
+    };
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut buf = Vec::new();
+    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() {
+        let _ = socket.write_all(&buf).await;
+    }
+}

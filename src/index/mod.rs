@@ -1,0 +1,181 @@
+//! The metadata index: patient/study/series/instance attributes for matching, the DICOM JSON returned
+//! to clients, and where each object (and each frame inside it) is stored.
+//!
+//! - [`writer`]: the single writer task; batches concurrent inserts into one transaction (group commit).
+//! - [`query`]: the matching engine shared by QIDO-RS (and C-FIND): query model -> SQL.
+//! - [`record`]: what ingest hands to the index for one instance.
+//!
+//! Architecture invariant: a row is inserted only for an object that is already durable in storage,
+//! and rows are deleted before their objects, so the index never points at a missing object.
+
+pub mod query;
+pub mod record;
+mod writer;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+pub use record::InstanceRecord;
+pub use writer::{InsertOutcome, WriteError};
+
+/// Where an instance lives and how to cut frames out of it.
+#[derive(Debug, Clone)]
+pub struct StoredInstance {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax_uid: String,
+    pub storage_key: String,
+    pub size_bytes: u64,
+    pub frame_layout: String,
+}
+
+#[derive(Clone)]
+pub struct Index {
+    read: SqlitePool,
+    writer: writer::WriterHandle,
+}
+
+impl Index {
+    pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Index> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before we acknowledge the object.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30))
+            .pragma("case_sensitive_like", "ON");
+        if let Some(dir) = url
+            .strip_prefix("sqlite://")
+            .map(std::path::Path::new)
+            .and_then(|p| p.parent())
+        {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let write_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations").run(&write_pool).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Index {
+            read,
+            writer: writer::WriterHandle::spawn(write_pool),
+        })
+    }
+
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    /// Commits one instance (creating its study and series as needed) and returns once durable.
+    pub async fn insert(
+        &self,
+        record: InstanceRecord,
+        replace: bool,
+    ) -> Result<InsertOutcome, WriteError> {
+        self.writer.insert(record, replace).await
+    }
+
+    /// Removes an instance row (and its series/study when they become empty); returns its storage key.
+    pub async fn remove_instance(
+        &self,
+        sop_instance_uid: &str,
+    ) -> Result<Option<String>, WriteError> {
+        self.writer.remove(sop_instance_uid.to_string()).await
+    }
+
+    pub async fn instance_exists(&self, sop_instance_uid: &str) -> sqlx::Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM instances WHERE sop_instance_uid = ?")
+            .bind(sop_instance_uid)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    pub async fn health(&self) -> sqlx::Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.read)
+            .await
+            .map(|_| ())
+    }
+
+    /// Instances under a study / series / single instance, in series then instance order.
+    pub async fn stored_instances(
+        &self,
+        study_uid: &str,
+        series_uid: Option<&str>,
+        sop_instance_uid: Option<&str>,
+    ) -> sqlx::Result<Vec<StoredInstance>> {
+        let rows = sqlx::query(
+            "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
+                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout
+             FROM instances i
+             JOIN series se ON se.series_pk = i.series_pk
+             JOIN studies st ON st.study_pk = i.study_pk
+             WHERE st.study_uid = ?1
+               AND (?2 IS NULL OR se.series_uid = ?2)
+               AND (?3 IS NULL OR i.sop_instance_uid = ?3)
+             ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
+        )
+        .bind(study_uid)
+        .bind(series_uid)
+        .bind(sop_instance_uid)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredInstance {
+                study_uid: r.get(0),
+                series_uid: r.get(1),
+                sop_instance_uid: r.get(2),
+                sop_class_uid: r.get(3),
+                transfer_syntax_uid: r.get(4),
+                storage_key: r.get(5),
+                size_bytes: r.get::<i64, _>(6) as u64,
+                frame_layout: r.get(7),
+            })
+            .collect())
+    }
+
+    /// The stored DICOM JSON of each instance under a study / series / instance, in retrieve order.
+    pub async fn metadata_json(
+        &self,
+        study_uid: &str,
+        series_uid: Option<&str>,
+        sop_instance_uid: Option<&str>,
+    ) -> sqlx::Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT i.metadata_json
+             FROM instances i
+             JOIN series se ON se.series_pk = i.series_pk
+             JOIN studies st ON st.study_pk = i.study_pk
+             WHERE st.study_uid = ?1
+               AND (?2 IS NULL OR se.series_uid = ?2)
+               AND (?3 IS NULL OR i.sop_instance_uid = ?3)
+             ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
+        )
+        .bind(study_uid)
+        .bind(series_uid)
+        .bind(sop_instance_uid)
+        .fetch_all(&self.read)
+        .await
+    }
+
+    /// Every storage key the index refers to (for reconciliation with storage).
+    pub async fn all_storage_keys(&self) -> sqlx::Result<Vec<String>> {
+        sqlx::query_scalar("SELECT storage_key FROM instances")
+            .fetch_all(&self.read)
+            .await
+    }
+}

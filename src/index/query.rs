@@ -1,0 +1,594 @@
+//! The matching engine: attribute matching rules of PS3.4 C.2.2.2 (used by QIDO-RS, PS3.18 8.3.4)
+//! turned into SQL over the index.
+//!
+//! A query is built from (tag, value) pairs by [`Query::add_match`]; the rules (single value, wildcard,
+//! UID list, range, universal) depend only on the attribute's VR, so QIDO-RS and C-FIND share them.
+//!
+//! Architecture invariant: this module knows nothing of HTTP or DIMSE; it maps tags and values to SQL.
+
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::tags;
+
+/// The level a query returns entities of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Study,
+    Series,
+    Instance,
+}
+
+/// How a matchable attribute is stored and compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    /// Person name: case-insensitive, matched against each component group.
+    PersonName,
+    Uid,
+    Date,
+    Time,
+    Integer,
+    /// ModalitiesInStudy: matches when any series of the study matches.
+    ModalitiesInStudy,
+}
+
+/// A matchable attribute: its tag, the level it lives at, the SQL column, and its matching kind.
+#[derive(Debug)]
+pub struct Column {
+    pub tag: Tag,
+    pub level: Level,
+    sql: &'static str,
+    kind: Kind,
+}
+
+macro_rules! col {
+    ($tag:expr, $level:ident, $sql:literal, $kind:ident) => {
+        Column {
+            tag: $tag,
+            level: Level::$level,
+            sql: $sql,
+            kind: Kind::$kind,
+        }
+    };
+}
+
+/// Every attribute the index can match on.
+pub static COLUMNS: &[Column] = &[
+    col!(tags::STUDY_INSTANCE_UID, Study, "st.study_uid", Uid),
+    col!(tags::PATIENT_ID, Study, "st.patient_id", Text),
+    col!(
+        tags::ISSUER_OF_PATIENT_ID,
+        Study,
+        "st.issuer_of_patient_id",
+        Text
+    ),
+    col!(tags::PATIENT_NAME, Study, "st.patient_name", PersonName),
+    col!(
+        tags::PATIENT_BIRTH_DATE,
+        Study,
+        "st.patient_birth_date",
+        Date
+    ),
+    col!(tags::PATIENT_SEX, Study, "st.patient_sex", Text),
+    col!(tags::STUDY_DATE, Study, "st.study_date", Date),
+    col!(tags::STUDY_TIME, Study, "st.study_time", Time),
+    col!(tags::ACCESSION_NUMBER, Study, "st.accession_number", Text),
+    col!(tags::STUDY_ID, Study, "st.study_id", Text),
+    col!(tags::STUDY_DESCRIPTION, Study, "st.study_description", Text),
+    col!(
+        tags::REFERRING_PHYSICIAN_NAME,
+        Study,
+        "st.referring_physician_name",
+        PersonName
+    ),
+    col!(
+        tags::MODALITIES_IN_STUDY,
+        Study,
+        "st.study_pk",
+        ModalitiesInStudy
+    ),
+    col!(tags::SERIES_INSTANCE_UID, Series, "se.series_uid", Uid),
+    col!(tags::MODALITY, Series, "se.modality", Text),
+    col!(tags::SERIES_NUMBER, Series, "se.series_number", Integer),
+    col!(
+        tags::SERIES_DESCRIPTION,
+        Series,
+        "se.series_description",
+        Text
+    ),
+    col!(
+        tags::BODY_PART_EXAMINED,
+        Series,
+        "se.body_part_examined",
+        Text
+    ),
+    col!(tags::LATERALITY, Series, "se.laterality", Text),
+    col!(tags::SERIES_DATE, Series, "se.series_date", Date),
+    col!(tags::SERIES_TIME, Series, "se.series_time", Time),
+    col!(
+        tags::PERFORMED_PROCEDURE_STEP_START_DATE,
+        Series,
+        "se.performed_procedure_step_start_date",
+        Date
+    ),
+    col!(
+        tags::PERFORMED_PROCEDURE_STEP_START_TIME,
+        Series,
+        "se.performed_procedure_step_start_time",
+        Time
+    ),
+    col!(tags::SOP_INSTANCE_UID, Instance, "i.sop_instance_uid", Uid),
+    col!(tags::SOP_CLASS_UID, Instance, "i.sop_class_uid", Uid),
+    col!(
+        tags::INSTANCE_NUMBER,
+        Instance,
+        "i.instance_number",
+        Integer
+    ),
+    col!(tags::ROWS, Instance, "i.rows", Integer),
+    col!(tags::COLUMNS, Instance, "i.columns", Integer),
+    col!(tags::BITS_ALLOCATED, Instance, "i.bits_allocated", Integer),
+    col!(
+        tags::NUMBER_OF_FRAMES,
+        Instance,
+        "i.number_of_frames",
+        Integer
+    ),
+    col!(tags::CONTENT_DATE, Instance, "i.content_date", Date),
+    col!(tags::CONTENT_TIME, Instance, "i.content_time", Time),
+];
+
+pub fn column_for(tag: Tag) -> Option<&'static Column> {
+    COLUMNS.iter().find(|c| c.tag == tag)
+}
+
+/// One matching rule of PS3.4 C.2.2.2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// Exact match of one value.
+    Single(String),
+    /// `*` and `?` wildcards.
+    Wildcard(String),
+    /// Any of several UIDs (or values).
+    List(Vec<String>),
+    /// Inclusive range with open ends; values already normalised for comparison.
+    Range(Option<String>, Option<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub column: &'static Column,
+    pub matcher: Matcher,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MatchError {
+    #[error("invalid value {value:?} for {tag}: {reason}")]
+    InvalidValue {
+        tag: Tag,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// A query against the index: level, scope from the resource path, matching filters, paging.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub level: Level,
+    pub filters: Vec<Filter>,
+    pub limit: Option<u64>,
+    pub offset: u64,
+}
+
+/// A bound SQL argument.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl Query {
+    pub fn new(level: Level) -> Query {
+        Query {
+            level,
+            filters: Vec::new(),
+            limit: None,
+            offset: 0,
+        }
+    }
+
+    /// Adds a matching key. Returns Ok(false) when the attribute cannot be matched on at this level
+    /// (the caller reports it as unsupported); an empty value is universal matching and adds nothing.
+    pub fn add_match(&mut self, tag: Tag, value: &str) -> Result<bool, MatchError> {
+        let Some(column) = column_for(tag) else {
+            return Ok(false);
+        };
+        if column.level > self.level {
+            return Ok(false);
+        }
+        let value = value.trim_end_matches(['\0', ' ']);
+        if value.is_empty() || value == "*" {
+            return Ok(true);
+        }
+        let invalid = |reason| MatchError::InvalidValue {
+            tag,
+            value: value.to_string(),
+            reason,
+        };
+        let matcher = match column.kind {
+            Kind::Uid => {
+                let uids: Vec<String> = value
+                    .split([',', '\\'])
+                    .map(|u| u.trim().to_string())
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                if uids.iter().any(|u| !is_valid_uid(u)) {
+                    return Err(invalid("not a UID list"));
+                }
+                Matcher::List(uids)
+            }
+            Kind::Date => date_matcher(value).ok_or_else(|| invalid("not a date or date range"))?,
+            Kind::Time => time_matcher(value).ok_or_else(|| invalid("not a time or time range"))?,
+            Kind::Integer => {
+                let n: i64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid("not an integer"))?;
+                Matcher::Single(n.to_string())
+            }
+            Kind::Text | Kind::ModalitiesInStudy => text_matcher(value, false),
+            Kind::PersonName => text_matcher(value, true),
+        };
+        self.filters.push(Filter { column, matcher });
+        Ok(true)
+    }
+
+    /// The WHERE clause (joined with AND, or empty) and its arguments.
+    pub fn where_clause(&self) -> (String, Vec<Arg>) {
+        let mut sql = Vec::new();
+        let mut args = Vec::new();
+        for f in &self.filters {
+            sql.push(filter_sql(f, &mut args));
+        }
+        (sql.join(" AND "), args)
+    }
+}
+
+fn text_matcher(value: &str, person_name: bool) -> Matcher {
+    let value = if person_name {
+        value.to_uppercase()
+    } else {
+        value.to_string()
+    };
+    if value.contains(['*', '?']) {
+        Matcher::Wildcard(value)
+    } else if !person_name && value.contains('\\') {
+        Matcher::List(value.split('\\').map(str::to_string).collect())
+    } else {
+        Matcher::Single(value)
+    }
+}
+
+fn filter_sql(f: &Filter, args: &mut Vec<Arg>) -> String {
+    let col = f.column.sql;
+    match (f.column.kind, &f.matcher) {
+        (Kind::ModalitiesInStudy, m) => {
+            let inner = matcher_sql("x.modality", m, args);
+            format!("EXISTS (SELECT 1 FROM series x WHERE x.study_pk = {col} AND {inner})")
+        }
+        (Kind::PersonName, Matcher::Single(v) | Matcher::Wildcard(v)) if !v.contains('=') => {
+            // Match the value against every component group (alphabetic, ideographic, phonetic).
+            let p = like_pattern(v);
+            let alternatives = [
+                p.clone(),
+                format!("{p}=%"),
+                format!("%={p}"),
+                format!("%={p}=%"),
+            ];
+            let parts: Vec<String> = alternatives
+                .into_iter()
+                .map(|a| {
+                    args.push(Arg::Text(a));
+                    format!("{col} LIKE ? ESCAPE '\\'")
+                })
+                .collect();
+            format!("({})", parts.join(" OR "))
+        }
+        (Kind::Integer, Matcher::Single(v)) => {
+            args.push(Arg::Int(v.parse().expect("validated integer")));
+            format!("{col} = ?")
+        }
+        (_, m) => matcher_sql(col, m, args),
+    }
+}
+
+fn matcher_sql(col: &str, m: &Matcher, args: &mut Vec<Arg>) -> String {
+    match m {
+        Matcher::Single(v) => {
+            args.push(Arg::Text(v.clone()));
+            format!("{col} = ?")
+        }
+        Matcher::Wildcard(v) => {
+            args.push(Arg::Text(like_pattern(v)));
+            format!("{col} LIKE ? ESCAPE '\\'")
+        }
+        Matcher::List(values) => {
+            let marks = vec!["?"; values.len()].join(",");
+            args.extend(values.iter().cloned().map(Arg::Text));
+            format!("{col} IN ({marks})")
+        }
+        Matcher::Range(lo, hi) => {
+            let mut parts = vec![format!("{col} != ''")];
+            if let Some(lo) = lo {
+                args.push(Arg::Text(lo.clone()));
+                parts.push(format!("{col} >= ?"));
+            }
+            if let Some(hi) = hi {
+                args.push(Arg::Text(hi.clone()));
+                parts.push(format!("{col} <= ?"));
+            }
+            format!("({})", parts.join(" AND "))
+        }
+    }
+}
+
+/// DICOM wildcards to a LIKE pattern: `*` -> `%`, `?` -> `_`, LIKE's own specials escaped.
+fn like_pattern(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn is_valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.split('.').all(|part| {
+            !part.is_empty()
+                && part.bytes().all(|b| b.is_ascii_digit())
+                && (part == "0" || !part.starts_with('0'))
+        })
+}
+
+/// Normalises a DA value (`YYYYMMDD`, or the old `YYYY.MM.DD`) for storage and comparison.
+pub fn normalize_date(v: &str) -> Option<String> {
+    let d: String = v.trim().chars().filter(|&c| c != '.').collect();
+    let valid = d.len() == 8
+        && d.bytes().all(|b| b.is_ascii_digit())
+        && (1..=12).contains(&d[4..6].parse::<u8>().ok()?)
+        && (1..=31).contains(&d[6..8].parse::<u8>().ok()?);
+    valid.then_some(d)
+}
+
+fn date_matcher(value: &str) -> Option<Matcher> {
+    match value.split_once('-') {
+        None => Some(Matcher::Single(normalize_date(value)?)),
+        Some((lo, hi)) => {
+            let lo = if lo.is_empty() {
+                None
+            } else {
+                Some(normalize_date(lo)?)
+            };
+            let hi = if hi.is_empty() {
+                None
+            } else {
+                Some(normalize_date(hi)?)
+            };
+            if lo.is_none() && hi.is_none() {
+                return None;
+            }
+            Some(Matcher::Range(lo, hi))
+        }
+    }
+}
+
+/// Normalises a TM value to `HHMMSS.FFFFFF`; missing parts filled with `fill` ('0' for a value or a
+/// lower bound, '9'-style maxima for an upper bound so that `-12` includes 12:59:59).
+fn normalize_time_with(v: &str, upper: bool) -> Option<String> {
+    let t: String = v.trim().chars().filter(|&c| c != ':').collect();
+    let (whole, frac) = match t.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (t.as_str(), ""),
+    };
+    let ok = matches!(whole.len(), 2 | 4 | 6)
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && frac.len() <= 6
+        && frac.bytes().all(|b| b.is_ascii_digit())
+        && (frac.is_empty() || whole.len() == 6);
+    if !ok {
+        return None;
+    }
+    let limits = [23u8, 59, 60];
+    for (i, chunk) in whole.as_bytes().chunks(2).enumerate() {
+        let n: u8 = std::str::from_utf8(chunk).ok()?.parse().ok()?;
+        if n > limits[i] {
+            return None;
+        }
+    }
+    let pad_whole = if upper { "235959" } else { "000000" };
+    let pad_frac = if upper { '9' } else { '0' };
+    let mut out = String::with_capacity(13);
+    out.push_str(whole);
+    out.push_str(&pad_whole[whole.len()..]);
+    out.push('.');
+    out.push_str(frac);
+    out.extend(std::iter::repeat_n(pad_frac, 6 - frac.len()));
+    Some(out)
+}
+
+pub fn normalize_time(v: &str) -> Option<String> {
+    normalize_time_with(v, false)
+}
+
+fn time_matcher(value: &str) -> Option<Matcher> {
+    match value.split_once('-') {
+        None => {
+            // A single partial time matches the whole span it names (e.g. "10" = 10:00-10:59).
+            let lo = normalize_time_with(value, false)?;
+            let hi = normalize_time_with(value, true)?;
+            Some(if lo == hi {
+                Matcher::Single(lo)
+            } else {
+                Matcher::Range(Some(lo), Some(hi))
+            })
+        }
+        Some((lo, hi)) => {
+            let lo = if lo.is_empty() {
+                None
+            } else {
+                Some(normalize_time_with(lo, false)?)
+            };
+            let hi = if hi.is_empty() {
+                None
+            } else {
+                Some(normalize_time_with(hi, true)?)
+            };
+            if lo.is_none() && hi.is_none() {
+                return None;
+            }
+            Some(Matcher::Range(lo, hi))
+        }
+    }
+}
+
+/// The VR a matching key is typed with, for callers that must echo it back.
+pub fn vr_of(tag: Tag) -> VR {
+    dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .and_then(|e| e.vr.exact())
+        .unwrap_or(VR::UN)
+}
+
+use dicom_core::dictionary::DataDictionary;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(level: Level, pairs: &[(Tag, &str)]) -> (String, Vec<Arg>) {
+        let mut q = Query::new(level);
+        for (t, v) in pairs {
+            assert!(q.add_match(*t, v).unwrap());
+        }
+        q.where_clause()
+    }
+
+    #[test]
+    fn empty_value_and_lone_star_are_universal() {
+        assert_eq!(q(Level::Study, &[(tags::PATIENT_ID, "")]).0, "");
+        assert_eq!(q(Level::Study, &[(tags::PATIENT_ID, "*")]).0, "");
+    }
+
+    #[test]
+    fn single_value_is_exact_and_case_sensitive_for_text() {
+        let (sql, args) = q(Level::Study, &[(tags::PATIENT_ID, "ab12")]);
+        assert_eq!(sql, "st.patient_id = ?");
+        assert_eq!(args, vec![Arg::Text("ab12".into())]);
+    }
+
+    #[test]
+    fn wildcards_become_escaped_like_patterns() {
+        let (sql, args) = q(Level::Study, &[(tags::ACCESSION_NUMBER, "A_1%*?")]);
+        assert_eq!(sql, "st.accession_number LIKE ? ESCAPE '\\'");
+        assert_eq!(args, vec![Arg::Text("A\\_1\\%%_".into())]);
+    }
+
+    #[test]
+    fn person_names_match_case_insensitively_in_any_group() {
+        let (sql, args) = q(Level::Study, &[(tags::PATIENT_NAME, "doe^j*")]);
+        assert!(sql.starts_with("(st.patient_name LIKE ?"));
+        assert_eq!(args.len(), 4);
+        assert_eq!(args[0], Arg::Text("DOE^J%".into()));
+        assert_eq!(args[3], Arg::Text("%=DOE^J%=%".into()));
+    }
+
+    #[test]
+    fn uid_lists_accept_comma_and_backslash() {
+        let (sql, args) = q(Level::Study, &[(tags::STUDY_INSTANCE_UID, "1.2,1.3\\1.4")]);
+        assert_eq!(sql, "st.study_uid IN (?,?,?)");
+        assert_eq!(args.len(), 3);
+        let mut query = Query::new(Level::Study);
+        assert!(query.add_match(tags::STUDY_INSTANCE_UID, "1.2.x").is_err());
+    }
+
+    #[test]
+    fn date_ranges_are_inclusive_with_open_ends() {
+        let (sql, args) = q(Level::Study, &[(tags::STUDY_DATE, "20200101-20201231")]);
+        assert_eq!(
+            sql,
+            "(st.study_date != '' AND st.study_date >= ? AND st.study_date <= ?)"
+        );
+        assert_eq!(
+            args,
+            vec![Arg::Text("20200101".into()), Arg::Text("20201231".into())]
+        );
+        let (_, args) = q(Level::Study, &[(tags::STUDY_DATE, "-2020.12.31")]);
+        assert_eq!(args, vec![Arg::Text("20201231".into())]);
+        let mut query = Query::new(Level::Study);
+        for bad in ["2020", "20201301", "a-b", "-"] {
+            assert!(query.add_match(tags::STUDY_DATE, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn time_values_are_normalised_and_partial_times_span() {
+        assert_eq!(normalize_time("1015").unwrap(), "101500.000000");
+        assert_eq!(normalize_time("10:15:30.5").unwrap(), "101530.500000");
+        let (_, args) = q(Level::Study, &[(tags::STUDY_TIME, "10")]);
+        assert_eq!(
+            args,
+            vec![
+                Arg::Text("100000.000000".into()),
+                Arg::Text("105959.999999".into())
+            ]
+        );
+        assert!(normalize_time("2500").is_none());
+        assert!(normalize_time("1").is_none());
+    }
+
+    #[test]
+    fn modalities_in_study_matches_any_series() {
+        let (sql, args) = q(Level::Study, &[(tags::MODALITIES_IN_STUDY, "CT\\MR")]);
+        assert_eq!(
+            sql,
+            "EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.study_pk AND x.modality IN (?,?))"
+        );
+        assert_eq!(args.len(), 2);
+    }
+
+    #[test]
+    fn lower_level_attributes_are_not_matchable_at_higher_levels() {
+        let mut query = Query::new(Level::Study);
+        assert!(!query.add_match(tags::SOP_CLASS_UID, "1.2").unwrap());
+        assert!(!query.add_match(tags::PATIENT_AGE, "030Y").unwrap());
+        let mut query = Query::new(Level::Instance);
+        assert!(query.add_match(tags::PATIENT_ID, "x").unwrap());
+    }
+
+    #[test]
+    fn integers_are_validated() {
+        let (sql, args) = q(Level::Series, &[(tags::SERIES_NUMBER, "007")]);
+        assert_eq!(sql, "se.series_number = ?");
+        assert_eq!(args, vec![Arg::Int(7)]);
+        let mut query = Query::new(Level::Series);
+        assert!(query.add_match(tags::SERIES_NUMBER, "x").is_err());
+    }
+
+    #[test]
+    fn uid_validation() {
+        assert!(is_valid_uid("1.2.840.10008.1.2"));
+        assert!(is_valid_uid("2.25.0"));
+        assert!(!is_valid_uid("1.02"));
+        assert!(!is_valid_uid("1..2"));
+        assert!(!is_valid_uid(&"1".repeat(65)));
+        assert!(!is_valid_uid("../etc"));
+    }
+}

@@ -1,0 +1,373 @@
+//! The index's single writer. SQLite allows one writer at a time, and each durable commit costs a
+//! disk flush; so one task owns the write connection and commits whatever requests are waiting in one
+//! transaction (group commit), each request in its own savepoint so one bad record fails alone.
+
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::InstanceRecord;
+
+/// Requests committed together at most; bounds the latency of the first one.
+const MAX_BATCH: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// The SOP Instance UID was already indexed and the policy keeps the first copy.
+    Duplicate,
+    /// The SOP Instance UID was indexed under `old_key`; the row now points at the new object.
+    Replaced {
+        old_key: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("index database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("series {series_uid} already belongs to another study")]
+    SeriesInOtherStudy { series_uid: String },
+    #[error("index writer stopped")]
+    Stopped,
+}
+
+enum Op {
+    Insert {
+        record: Box<InstanceRecord>,
+        replace: bool,
+        reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
+    },
+    Remove {
+        sop_instance_uid: String,
+        reply: oneshot::Sender<Result<Option<String>, WriteError>>,
+    },
+}
+
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+impl WriterHandle {
+    pub fn spawn(pool: SqlitePool) -> WriterHandle {
+        let (tx, rx) = mpsc::channel(1024);
+        // The writer runs on its own thread and runtime: it is the index's one serial writer anyway,
+        // and this keeps its futures free of the `Send` bound that sqlx's borrowed executors trip
+        // over in rustc's higher-ranked lifetime checks.
+        std::thread::Builder::new()
+            .name("index-writer".into())
+            .spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("index writer runtime")
+                    .block_on(run(pool, rx))
+            })
+            .expect("spawn index writer thread");
+        WriterHandle { tx }
+    }
+
+    pub async fn insert(
+        &self,
+        record: InstanceRecord,
+        replace: bool,
+    ) -> Result<InsertOutcome, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Insert {
+            record: Box::new(record),
+            replace,
+            reply,
+        };
+        self.tx.send(op).await.map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    pub async fn remove(&self, sop_instance_uid: String) -> Result<Option<String>, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Remove {
+            sop_instance_uid,
+            reply,
+        };
+        self.tx.send(op).await.map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// A request applied inside the open transaction, waiting for the commit to be answered.
+enum Applied {
+    Insert(
+        oneshot::Sender<Result<InsertOutcome, WriteError>>,
+        Result<InsertOutcome, WriteError>,
+    ),
+    Remove(
+        oneshot::Sender<Result<Option<String>, WriteError>>,
+        Result<Option<String>, WriteError>,
+    ),
+}
+
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let ops = std::mem::take(&mut batch);
+        let applied = match commit_batch(&pool, ops).await {
+            Ok(applied) => applied,
+            Err((applied, e)) => {
+                tracing::error!(error = %e, "index commit failed");
+                fail_all(applied, &e);
+                continue;
+            }
+        };
+        for a in applied {
+            match a {
+                Applied::Insert(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Applied::Remove(reply, result) => {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+fn fail_all(applied: Vec<Applied>, e: &sqlx::Error) {
+    let err = || WriteError::Database(sqlx::Error::Protocol(format!("commit failed: {e}")));
+    for a in applied {
+        match a {
+            Applied::Insert(reply, _) => {
+                let _ = reply.send(Err(err()));
+            }
+            Applied::Remove(reply, _) => {
+                let _ = reply.send(Err(err()));
+            }
+        }
+    }
+}
+
+async fn commit_batch(
+    pool: &SqlitePool,
+    ops: Vec<Op>,
+) -> Result<Vec<Applied>, (Vec<Applied>, sqlx::Error)> {
+    let mut applied = Vec::with_capacity(ops.len());
+    let mut conn = match pool.acquire().await {
+        Ok(c) => c,
+        Err(e) => {
+            let applied = ops.into_iter().map(unapplied).collect();
+            return Err((applied, e));
+        }
+    };
+    let mut tx = match conn.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let applied = ops.into_iter().map(unapplied).collect();
+            return Err((applied, e));
+        }
+    };
+    for op in ops {
+        if let Err(e) = sqlx::query("SAVEPOINT op").execute(&mut *tx).await {
+            applied.push(unapplied(op));
+            return Err((applied, e));
+        }
+        let (entry, ok) = match op {
+            Op::Insert {
+                record,
+                replace,
+                reply,
+            } => {
+                let result = insert(&mut tx, &record, replace).await;
+                let ok = result.is_ok();
+                (Applied::Insert(reply, result), ok)
+            }
+            Op::Remove {
+                sop_instance_uid,
+                reply,
+            } => {
+                let result = remove(&mut tx, &sop_instance_uid).await;
+                let ok = result.is_ok();
+                (Applied::Remove(reply, result), ok)
+            }
+        };
+        applied.push(entry);
+        // A failed request is undone alone; the others in the batch still commit.
+        let end = if ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        if let Err(e) = sqlx::raw_sql(end).execute(&mut *tx).await {
+            return Err((applied, e));
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => Ok(applied),
+        Err(e) => Err((applied, e)),
+    }
+}
+
+fn unapplied(op: Op) -> Applied {
+    match op {
+        Op::Insert { reply, .. } => Applied::Insert(reply, Err(WriteError::Stopped)),
+        Op::Remove { reply, .. } => Applied::Remove(reply, Err(WriteError::Stopped)),
+    }
+}
+
+async fn insert(
+    conn: &mut SqliteConnection,
+    r: &InstanceRecord,
+    replace: bool,
+) -> Result<InsertOutcome, WriteError> {
+    let existing: Option<String> =
+        sqlx::query_scalar("SELECT storage_key FROM instances WHERE sop_instance_uid = ?")
+            .bind(&r.instance.sop_instance_uid)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let outcome = match existing {
+        Some(_) if !replace => return Ok(InsertOutcome::Duplicate),
+        Some(old_key) => {
+            remove(conn, &r.instance.sop_instance_uid).await?;
+            InsertOutcome::Replaced { old_key }
+        }
+        None => InsertOutcome::Inserted,
+    };
+
+    let s = &r.study;
+    sqlx::query(
+        "INSERT INTO studies (study_uid, patient_id, issuer_of_patient_id, patient_name,
+            patient_birth_date, patient_sex, study_date, study_time, accession_number, study_id,
+            study_description, referring_physician_name, attrs_json)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+         ON CONFLICT(study_uid) DO NOTHING",
+    )
+    .bind(&s.study_uid)
+    .bind(&s.patient_id)
+    .bind(&s.issuer_of_patient_id)
+    .bind(&s.patient_name)
+    .bind(&s.patient_birth_date)
+    .bind(&s.patient_sex)
+    .bind(&s.study_date)
+    .bind(&s.study_time)
+    .bind(&s.accession_number)
+    .bind(&s.study_id)
+    .bind(&s.study_description)
+    .bind(&s.referring_physician_name)
+    .bind(&s.attrs_json)
+    .execute(&mut *conn)
+    .await?;
+    let study_pk: i64 = sqlx::query_scalar("SELECT study_pk FROM studies WHERE study_uid = ?")
+        .bind(&s.study_uid)
+        .fetch_one(&mut *conn)
+        .await?;
+
+    let se = &r.series;
+    sqlx::query(
+        "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
+            body_part_examined, laterality, series_date, series_time,
+            performed_procedure_step_start_date, performed_procedure_step_start_time, attrs_json)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+         ON CONFLICT(series_uid) DO NOTHING",
+    )
+    .bind(&se.series_uid)
+    .bind(study_pk)
+    .bind(&se.modality)
+    .bind(se.series_number)
+    .bind(&se.series_description)
+    .bind(&se.body_part_examined)
+    .bind(&se.laterality)
+    .bind(&se.series_date)
+    .bind(&se.series_time)
+    .bind(&se.performed_procedure_step_start_date)
+    .bind(&se.performed_procedure_step_start_time)
+    .bind(&se.attrs_json)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query("SELECT series_pk, study_pk FROM series WHERE series_uid = ?")
+        .bind(&se.series_uid)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (series_pk, owner): (i64, i64) = (row.get(0), row.get(1));
+    if owner != study_pk {
+        return Err(WriteError::SeriesInOtherStudy {
+            series_uid: se.series_uid.clone(),
+        });
+    }
+
+    let i = &r.instance;
+    sqlx::query(
+        "INSERT INTO instances (sop_instance_uid, series_pk, study_pk, sop_class_uid, instance_number,
+            rows, columns, bits_allocated, number_of_frames, content_date, content_time,
+            transfer_syntax_uid, storage_key, size_bytes, metadata_json, frame_layout)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    )
+    .bind(&i.sop_instance_uid)
+    .bind(series_pk)
+    .bind(study_pk)
+    .bind(&i.sop_class_uid)
+    .bind(i.instance_number)
+    .bind(i.rows)
+    .bind(i.columns)
+    .bind(i.bits_allocated)
+    .bind(i.number_of_frames)
+    .bind(&i.content_date)
+    .bind(&i.content_time)
+    .bind(&i.transfer_syntax_uid)
+    .bind(&i.storage_key)
+    .bind(i.size_bytes as i64)
+    .bind(&i.metadata_json)
+    .bind(&i.frame_layout)
+    .execute(&mut *conn)
+    .await?;
+
+    sqlx::query("UPDATE series SET num_instances = num_instances + 1 WHERE series_pk = ?")
+        .bind(series_pk)
+        .execute(&mut *conn)
+        .await?;
+    refresh_study_counts(conn, study_pk).await?;
+    Ok(outcome)
+}
+
+/// Deletes an instance row, and its series and study once empty; returns the object's storage key.
+async fn remove(
+    conn: &mut SqliteConnection,
+    sop_instance_uid: &str,
+) -> Result<Option<String>, WriteError> {
+    let Some(row) = sqlx::query(
+        "DELETE FROM instances WHERE sop_instance_uid = ? RETURNING storage_key, series_pk, study_pk",
+    )
+    .bind(sop_instance_uid)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let (key, series_pk, study_pk): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    sqlx::query("UPDATE series SET num_instances = num_instances - 1 WHERE series_pk = ?")
+        .bind(series_pk)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM series WHERE series_pk = ? AND num_instances <= 0")
+        .bind(series_pk)
+        .execute(&mut *conn)
+        .await?;
+    refresh_study_counts(conn, study_pk).await?;
+    sqlx::query("DELETE FROM studies WHERE study_pk = ? AND num_instances <= 0")
+        .bind(study_pk)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(key))
+}
+
+async fn refresh_study_counts(conn: &mut SqliteConnection, study_pk: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE studies SET
+            num_instances = (SELECT COALESCE(SUM(num_instances), 0) FROM series WHERE study_pk = ?1),
+            num_series = (SELECT COUNT(*) FROM series WHERE study_pk = ?1),
+            modalities = COALESCE((SELECT group_concat(modality, '\\') FROM
+                (SELECT DISTINCT modality FROM series WHERE study_pk = ?1 AND modality != ''
+                 ORDER BY modality)), '')
+         WHERE study_pk = ?1",
+    )
+    .bind(study_pk)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Ingest: the one path by which objects enter the gateway (C-STORE now, STOW-RS later).
+//!
+//! 1. [`spool`]: the object is written to a spool file (Part-10) as it arrives, never held whole in memory.
+//! 2. [`extract`]: the header (everything before Pixel Data) is parsed, UIDs validated, the frame
+//!    layout computed ([`layout`]) and the index record built.
+//! 3. The object is put into storage (durable), then the record is committed to the index, and only
+//!    then is success returned.
+//!
+//! Architecture invariant: only this module writes objects to storage and rows to the index.
+
+pub mod extract;
+pub mod layout;
+pub mod spool;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dicom_dictionary_std::tags;
+use dicom_object::OpenFileOptions;
+
+use crate::config::DuplicatePolicy;
+use crate::index::{Index, InsertOutcome, WriteError};
+use crate::storage::{instance_key, ObjectStore, StorageError};
+use extract::{build_record, geometry, object_uids, ObjectUids};
+use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
+
+pub use spool::{SpoolWriter, Spooled};
+
+/// What the sender said the object is (from the C-STORE command), checked against the dataset.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    /// Same SOP Instance UID already stored; the first copy was kept.
+    DuplicateKept,
+    /// Same SOP Instance UID already stored; it was replaced by this copy.
+    Replaced,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The bytes are not a readable DICOM object (truncated, malformed).
+    #[error("cannot parse object: {0}")]
+    Unparseable(String),
+    /// The object is readable but its identifying attributes are missing, malformed or disagree
+    /// with the command that carried it.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage failed: {0}")]
+    Storage(#[from] StorageError),
+    #[error("index failed: {0}")]
+    Index(#[from] WriteError),
+}
+
+pub struct Ingestor {
+    store: Arc<dyn ObjectStore>,
+    index: Index,
+    on_duplicate: DuplicatePolicy,
+    spool_dir: PathBuf,
+}
+
+/// The result of parsing a spooled object, before anything is stored.
+struct Parsed {
+    uids: ObjectUids,
+    record: crate::index::InstanceRecord,
+}
+
+impl Ingestor {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        index: Index,
+        on_duplicate: DuplicatePolicy,
+        spool_dir: PathBuf,
+    ) -> std::io::Result<Ingestor> {
+        std::fs::create_dir_all(&spool_dir)?;
+        Ok(Ingestor {
+            store,
+            index,
+            on_duplicate,
+            spool_dir,
+        })
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool_dir
+    }
+
+    /// Parses, stores and indexes a spooled object; success means durable and indexed.
+    /// On any failure nothing is left behind: the spool file is removed with `spooled`.
+    pub async fn ingest(
+        &self,
+        spooled: Spooled,
+        expected: Option<&Expected>,
+    ) -> Result<Outcome, IngestError> {
+        let path = spooled.path().to_path_buf();
+        let size = spooled.size();
+        let key_suffix = unique_suffix();
+        let parsed = tokio::task::spawn_blocking(move || {
+            parse(&path, size, |uids| {
+                instance_key(
+                    &uids.study_uid,
+                    &uids.series_uid,
+                    &uids.sop_instance_uid,
+                    &key_suffix,
+                )
+            })
+        })
+        .await
+        .expect("parse task panicked")?;
+
+        if let Some(exp) = expected {
+            check_expected(&parsed.uids, exp)?;
+        }
+        if self.on_duplicate == DuplicatePolicy::KeepFirst
+            && self
+                .index
+                .instance_exists(&parsed.uids.sop_instance_uid)
+                .await
+                .map_err(WriteError::from)?
+        {
+            return Ok(Outcome::DuplicateKept);
+        }
+
+        let key = parsed.record.instance.storage_key.clone();
+        spooled.store_into(self.store.as_ref(), &key).await?;
+        let replace = self.on_duplicate == DuplicatePolicy::Replace;
+        match self.index.insert(parsed.record, replace).await {
+            Ok(InsertOutcome::Inserted) => Ok(Outcome::Stored),
+            Ok(InsertOutcome::Duplicate) => {
+                self.delete_quietly(&key).await;
+                Ok(Outcome::DuplicateKept)
+            }
+            Ok(InsertOutcome::Replaced { old_key }) => {
+                self.delete_quietly(&old_key).await;
+                Ok(Outcome::Replaced)
+            }
+            Err(e) => {
+                self.delete_quietly(&key).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Indexes an object already in storage under `key` (recovery after a crash between storing
+    /// and indexing, or rebuilding the index). A copy whose UID is indexed elsewhere is deleted.
+    pub async fn index_stored_object(&self, key: &str) -> Result<Outcome, IngestError> {
+        use futures::TryStreamExt;
+        let io = |source| StorageError::Io {
+            key: key.to_string(),
+            source,
+        };
+        let mut spool = SpoolWriter::create_raw(&self.spool_dir).await.map_err(io)?;
+        let (_, mut stream) = self.store.get(key).await?;
+        while let Some(chunk) = stream.try_next().await.map_err(io)? {
+            spool.write(&chunk).await.map_err(io)?;
+        }
+        let spooled = spool.finish().await.map_err(io)?;
+        let path = spooled.path().to_path_buf();
+        let size = spooled.size();
+        let owned_key = key.to_string();
+        let parsed = tokio::task::spawn_blocking(move || parse(&path, size, |_| owned_key))
+            .await
+            .expect("parse task panicked")?;
+        match self.index.insert(parsed.record, false).await? {
+            InsertOutcome::Duplicate => {
+                self.delete_quietly(key).await;
+                Ok(Outcome::DuplicateKept)
+            }
+            _ => Ok(Outcome::Stored),
+        }
+    }
+
+    async fn delete_quietly(&self, key: &str) {
+        if let Err(e) = self.store.delete(key).await {
+            tracing::warn!(key, error = %e, "could not delete superseded object");
+        }
+    }
+}
+
+fn check_expected(uids: &ObjectUids, exp: &Expected) -> Result<(), IngestError> {
+    if uids.sop_instance_uid != exp.sop_instance_uid.trim_end_matches(['\0', ' ']) {
+        return Err(IngestError::Invalid(format!(
+            "SOP Instance UID in the data set ({}) differs from the command's Affected SOP Instance UID ({})",
+            uids.sop_instance_uid, exp.sop_instance_uid
+        )));
+    }
+    if uids.sop_class_uid != exp.sop_class_uid.trim_end_matches(['\0', ' ']) {
+        return Err(IngestError::Invalid(format!(
+            "SOP Class UID in the data set ({}) differs from the command's Affected SOP Class UID ({})",
+            uids.sop_class_uid, exp.sop_class_uid
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the header of a spooled Part-10 file and builds its index record (blocking).
+fn parse(
+    path: &Path,
+    size: u64,
+    key_for: impl FnOnce(&ObjectUids) -> String,
+) -> Result<Parsed, IngestError> {
+    let unparseable = |e: &dyn std::fmt::Display| IngestError::Unparseable(e.to_string());
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| unparseable(&e))?);
+    let (dataset_start, ts_uid) = read_meta_extent(&mut file).map_err(|e| unparseable(&e))?;
+    let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_string();
+    if dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(&ts_uid)
+        .is_none()
+    {
+        return Err(IngestError::Invalid(format!(
+            "unknown transfer syntax {ts_uid}"
+        )));
+    }
+    // Walk the encoded elements first: it checks every declared length against the object's size,
+    // so the parser below never allocates for lengths a hostile or truncated object only claims.
+    let prescan = ImageGeometry {
+        rows: 0,
+        columns: 0,
+        samples_per_pixel: 1,
+        bits_allocated: 0,
+        number_of_frames: 1,
+    };
+    locate_frames(&mut file, dataset_start, &ts_uid, &prescan)
+        .map_err(|e| IngestError::Unparseable(e.to_string()))?;
+    let obj = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(path)
+        .map_err(|e| unparseable(&e))?;
+    let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
+    let layout = locate_frames(&mut file, dataset_start, &ts_uid, &geometry(&obj))
+        .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;
+    check_extents(&layout, size)?;
+    let key = key_for(&uids);
+    let record = build_record(&obj, &uids, &layout, &ts_uid, &key, size);
+    Ok(Parsed { uids, record })
+}
+
+/// Pixel data that would run past the end of the object means the object was truncated.
+fn check_extents(layout: &Layout, size: u64) -> Result<(), IngestError> {
+    let end = match layout {
+        Layout::Native { value, .. } => value.offset + value.length,
+        Layout::Encapsulated { frames } => frames
+            .iter()
+            .flatten()
+            .map(|e| e.offset + e.length)
+            .max()
+            .unwrap_or(0),
+        Layout::NoPixelData | Layout::Unavailable => 0,
+    };
+    if end > size {
+        return Err(IngestError::Unparseable(format!(
+            "object truncated: pixel data ends at byte {end} of {size}"
+        )));
+    }
+    Ok(())
+}
+
+/// A short random suffix making every stored copy's key unique, so a replacement never overwrites
+/// the copy the index still points at.
+fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;

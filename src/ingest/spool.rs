@@ -1,0 +1,108 @@
+//! Spool files: an incoming object is written to disk as it arrives (PDV by PDV, or part by part),
+//! so memory does not grow with object size. A spool file is deleted when dropped unless it was
+//! moved into storage.
+
+use std::path::Path;
+
+use dicom_object::FileMetaTable;
+use tempfile::TempPath;
+use tokio::io::{AsyncWriteExt, BufWriter};
+
+use crate::storage::{ObjectStore, StorageError};
+
+pub struct SpoolWriter {
+    file: BufWriter<tokio::fs::File>,
+    path: TempPath,
+    size: u64,
+}
+
+/// A complete, fsynced spool file.
+pub struct Spooled {
+    path: TempPath,
+    size: u64,
+}
+
+impl SpoolWriter {
+    /// An empty spool file, for a stream that is already Part-10.
+    pub async fn create_raw(dir: &Path) -> std::io::Result<SpoolWriter> {
+        let dir = dir.to_path_buf();
+        let (file, path) = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix("in-")
+                .suffix(".part")
+                .tempfile_in(dir)
+                .map(|f| f.into_parts())
+        })
+        .await
+        .expect("spool creation task panicked")?;
+        Ok(SpoolWriter {
+            file: BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file)),
+            path,
+            size: 0,
+        })
+    }
+
+    /// A spool file starting with the Part-10 preamble and `meta`, ready for the data set bytes.
+    pub async fn create_part10(dir: &Path, meta: &FileMetaTable) -> std::io::Result<SpoolWriter> {
+        let mut header = Vec::with_capacity(512);
+        header.extend_from_slice(&[0u8; 128]);
+        header.extend_from_slice(b"DICM");
+        meta.write(&mut header)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut writer = SpoolWriter::create_raw(dir).await?;
+        writer.write(&header).await?;
+        Ok(writer)
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes).await?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far (preamble and meta included).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Flushes and fsyncs the file.
+    pub async fn finish(mut self) -> std::io::Result<Spooled> {
+        self.file.flush().await?;
+        self.file.get_mut().sync_data().await?;
+        Ok(Spooled {
+            path: self.path,
+            size: self.size,
+        })
+    }
+}
+
+impl Spooled {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Moves the file into storage under `key`; on failure the spool file is removed.
+    pub async fn store_into(self, store: &dyn ObjectStore, key: &str) -> Result<(), StorageError> {
+        store.put_file(key, &self.path).await?;
+        // The file now belongs to storage: forget it instead of deleting it on drop.
+        let _ = self.path.keep();
+        Ok(())
+    }
+}
+
+/// Removes spool files left by a previous run (objects that were never acknowledged).
+pub fn clear_stale(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "part") {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,24 @@
+//! dicom-gateway: a DICOM imaging gateway.
+//!
+//! The code follows the data:
+//!
+//! - [`dimse`]: DIMSE in: associations, C-ECHO, C-STORE;
+//! - [`ingest`]: the single path objects take into the gateway (spool, parse, store, index);
+//! - [`storage`]: where objects live (a local directory; shaped for S3);
+//! - [`index`]: the metadata index (SQLite) and the matching engine;
+//! - [`model`]: the DICOM JSON model and information model levels;
+//! - [`dicomweb`]: QIDO-RS and WADO-RS out;
+//! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration.
+
+pub mod app;
+pub mod config;
+pub mod dicomweb;
+pub mod dimse;
+pub mod index;
+pub mod ingest;
+pub mod model;
+pub mod storage;
+
+/// Implementation Class UID written in the file meta of objects we receive (a 2.25 UUID-derived UID).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.171905823945102811361523185366407315847";
+pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("DICOMGW_", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,5 @@
+//! The DICOM data model as clients see it: the JSON encoding ([`json`]) and which attributes belong
+//! to which level of the information model ([`levels`]).
+
+pub mod json;
+pub mod levels;

@@ -1,0 +1,226 @@
+//! Filesystem backend: one file per object under a root directory.
+//!
+//! Durability: the spooled file is fsynced by its writer; `put_file` renames it into place (atomic on one
+//! filesystem) and fsyncs the directories it changed, so after a crash an object is either whole at its
+//! key or absent.
+
+use std::io::SeekFrom;
+use std::path::{Component, Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use super::{ByteStream, KeyStream, ObjectStore, StorageError};
+
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    pub fn open(root: &Path) -> std::io::Result<FsStore> {
+        std::fs::create_dir_all(root)?;
+        Ok(FsStore {
+            root: root.canonicalize()?,
+        })
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
+        let rel = Path::new(key);
+        let safe = !key.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !safe {
+            return Err(StorageError::InvalidKey(key.to_string()));
+        }
+        Ok(self.root.join(rel))
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates the missing directories above `path` and fsyncs the parents of those it created.
+fn create_parents_durably(root: &Path, path: &Path) -> std::io::Result<()> {
+    let parent = path.parent().expect("object path has a parent");
+    if parent.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut dir = parent;
+    while !dir.is_dir() && dir != root {
+        missing.push(dir.to_path_buf());
+        dir = dir.parent().expect("inside root");
+    }
+    std::fs::create_dir_all(parent)?;
+    for created in missing.iter().rev() {
+        sync_dir(created.parent().expect("inside root"))?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ObjectStore for FsStore {
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
+        let dest = self.path_of(key)?;
+        let root = self.root.clone();
+        let src = src.to_path_buf();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            create_parents_durably(&root, &dest)?;
+            if let Err(e) = std::fs::rename(&src, &dest) {
+                // Spool on another filesystem: copy, fsync, then rename within the destination.
+                if e.raw_os_error() != Some(18 /* EXDEV */) {
+                    return Err(e);
+                }
+                let tmp = dest.with_extension("partial");
+                std::fs::copy(&src, &tmp)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &dest)?;
+                std::fs::remove_file(&src)?;
+            }
+            sync_dir(dest.parent().expect("object path has a parent"))
+        })
+        .await
+        .expect("blocking storage task panicked")
+        .map_err(|e| StorageError::io(key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError> {
+        let path = self.path_of(key)?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StorageError::io(key, e))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| StorageError::io(key, e))?
+            .len();
+        let stream = ReaderStream::with_capacity(file, 256 * 1024);
+        Ok((size, Box::pin(stream)))
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, StorageError> {
+        let path = self.path_of(key)?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StorageError::io(key, e))?;
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(|e| StorageError::io(key, e))?;
+        let mut buf = vec![0u8; length as usize];
+        file.read_exact(&mut buf)
+            .await
+            .map_err(|e| StorageError::io(key, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io(key, e)),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        let path = self.path_of(key)?;
+        tokio::fs::try_exists(&path)
+            .await
+            .map_err(|e| StorageError::io(key, e))
+    }
+
+    fn list(&self) -> KeyStream {
+        let root = self.root.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::task::spawn_blocking(move || {
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(StorageError::io(&dir.to_string_lossy(), e)));
+                        continue;
+                    }
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else if path.extension().is_some_and(|e| e == "dcm") {
+                        let key = path
+                            .strip_prefix(&root)
+                            .expect("under root")
+                            .to_string_lossy()
+                            .into_owned();
+                        if tx.blocking_send(Ok(key)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        tokio_stream_from(rx)
+    }
+
+    async fn health(&self) -> Result<(), StorageError> {
+        let probe = self.root.join(".health");
+        tokio::fs::write(&probe, b"ok")
+            .await
+            .map_err(|e| StorageError::io(".health", e))?;
+        tokio::fs::read(&probe)
+            .await
+            .map_err(|e| StorageError::io(".health", e))?;
+        Ok(())
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<String, StorageError>>,
+) -> KeyStream {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+
+    #[tokio::test]
+    async fn put_get_range_list_delete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(&dir.path().join("objects")).unwrap();
+        let src = dir.path().join("spooled");
+        std::fs::write(&src, b"0123456789").unwrap();
+        store.put_file("1.2/3.4/5.6.dcm", &src).await.unwrap();
+        assert!(!src.exists(), "spool file is consumed");
+        assert!(store.exists("1.2/3.4/5.6.dcm").await.unwrap());
+        let (size, stream) = store.get("1.2/3.4/5.6.dcm").await.unwrap();
+        let body: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(size, 10);
+        assert_eq!(body.concat(), b"0123456789");
+        let range = store.get_range("1.2/3.4/5.6.dcm", 3, 4).await.unwrap();
+        assert_eq!(&range[..], b"3456");
+        let keys: Vec<String> = store.list().try_collect().await.unwrap();
+        assert_eq!(keys, vec!["1.2/3.4/5.6.dcm".to_string()]);
+        store.delete("1.2/3.4/5.6.dcm").await.unwrap();
+        assert!(!store.exists("1.2/3.4/5.6.dcm").await.unwrap());
+        assert!(matches!(
+            store.get("1.2/3.4/5.6.dcm").await,
+            Err(StorageError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn keys_cannot_escape_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        for key in ["../x.dcm", "/etc/passwd", "", "a/../../b"] {
+            assert!(matches!(
+                store.exists(key).await,
+                Err(StorageError::InvalidKey(_))
+            ));
+        }
+    }
+}

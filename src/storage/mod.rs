@@ -1,0 +1,94 @@
+//! Object storage: where the stored DICOM objects live, byte for byte as received.
+//!
+//! The [`ObjectStore`] trait is shaped for both a local directory and S3-compatible object storage:
+//! objects are put from a spooled local file (streamed, never loaded whole), read back as byte streams or
+//! byte ranges (frames), deleted, and listed (to rebuild or reconcile the index).
+//!
+//! Architecture invariant: `put_file` returns only once the object is durable; nothing else in the
+//! gateway decides durability.
+
+mod fs;
+
+use std::path::Path;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+pub use fs::FsStore;
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+pub type KeyStream = Pin<Box<dyn Stream<Item = Result<String, StorageError>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("storage I/O error on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    fn io(key: &str, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StorageError::NotFound(key.to_string())
+        } else {
+            StorageError::Io {
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Stores the content of the local file `src` under `key`, replacing any object there, and
+    /// returns once it is durable. `src` is consumed (moved or deleted).
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError>;
+    /// Streams the whole object.
+    async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError>;
+    /// Reads `length` bytes at `offset`.
+    async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, StorageError>;
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    async fn exists(&self, key: &str) -> Result<bool, StorageError>;
+    /// Lists every stored key.
+    fn list(&self) -> KeyStream;
+    /// Checks that the store can be written and read.
+    async fn health(&self) -> Result<(), StorageError>;
+}
+
+/// The key of one stored copy of an instance: `<study>/<series>/<instance>.<copy>.dcm`. The UIDs
+/// must already be validated (digits and dots only), which keeps keys inside the storage root; `copy`
+/// makes each stored copy's key unique, so replacing an instance never overwrites the copy the index
+/// still points at.
+pub fn instance_key(
+    study_uid: &str,
+    series_uid: &str,
+    sop_instance_uid: &str,
+    copy: &str,
+) -> String {
+    format!("{study_uid}/{series_uid}/{sop_instance_uid}.{copy}.dcm")
+}
+
+/// Reads a whole object into memory; only for single instances that must be re-encoded.
+pub async fn read_all(store: &dyn ObjectStore, key: &str) -> Result<Vec<u8>, StorageError> {
+    use futures::TryStreamExt;
+    let (size, mut stream) = store.get(key).await?;
+    let mut buf = Vec::with_capacity(size as usize);
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| StorageError::io(key, e))?
+    {
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
