@@ -333,6 +333,23 @@ def warm_page_cache(cache: Path) -> None:
     log(f"page cache warmed ({n} files, {time.monotonic() - t0:.1f}s)")
 
 
+def fsync_probe(work_root: str | None, n: int = 200) -> float:
+    """Median ms to create, write 8 KB and fsync one file where the servers keep their data."""
+    d = Path(tempfile.mkdtemp(prefix="bench-fsync-", dir=work_root))
+    times = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            fd = os.open(d / f"{i}", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.write(fd, b"x" * 8192)
+            os.fsync(fd)
+            os.close(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return pct(times, 50) * 1000
+
+
 def build_queries(m: dict) -> list[dict]:
     """QIDO queries with their expected result counts (computed from the manifest).
 
@@ -826,23 +843,29 @@ def measure_qido(srv: Server, queries: list[dict], prof: dict, budget_s: float) 
             res: dict = dict(path=path)
             try:
                 times = []
+                ttfbs = []
                 t_start = time.monotonic()
                 count = None
                 for i in range(prof["qido_warmup"] + prof["qido_n"]):
-                    status, _hdr, body, _n, t, _tf = h.get(path, ACCEPT_DICOM_JSON)
+                    status, _hdr, body, _n, t, tf = h.get(path, ACCEPT_DICOM_JSON)
                     if status == 204:
                         count = 0
                     elif status == 200:
-                        count = len(json.loads(body))
+                        if i == 0:
+                            try:
+                                count = len(json.loads(body))
+                            except ValueError as e:
+                                count = f"invalid JSON ({e})"
                     else:
                         raise BenchError(f"HTTP {status}: {body[:200]!r}")
                     if i >= prof["qido_warmup"]:
                         times.append(t)
+                        ttfbs.append(tf)
                     if time.monotonic() - t_start > budget_s and len(times) >= 3:
                         res["truncated"] = True
                         break
                 res.update(p50_ms=pct(times, 50) * 1000, p99_ms=pct(times, 99) * 1000, n=len(times),
-                           results=count, expected=q["expect"])
+                           ttfb_p50_ms=pct(ttfbs, 50) * 1000, results=count, expected=q["expect"])
                 log(f"  {srv.name} {q['label']}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
                     f"{count} results (expected {q['expect']}), n={len(times)}")
             except Exception as e:
@@ -902,7 +925,11 @@ def measure_wado(srv: Server, m: dict, prof: dict) -> dict:
                     if status != 200:
                         raise BenchError(f"HTTP {status}: {body[:200]!r}")
                     if i == 0:
-                        n_items = len(json.loads(body))
+                        try:
+                            n_items = len(json.loads(body))
+                        except ValueError as e:
+                            n_items = None
+                            out["metadata_invalid"] = f"response is not valid JSON: {e}"
                         out["metadata_cold_ms"] = t * 1000
                         out["metadata_items"] = n_items
                         out["metadata_bytes"] = nbytes
@@ -911,7 +938,8 @@ def measure_wado(srv: Server, m: dict, prof: dict) -> dict:
             out.update(metadata_p50_ms=pct(times, 50) * 1000, metadata_n=len(times),
                        metadata_peak_rss_mb=rs.peak_mb)
             log(f"  {srv.name} metadata: cold {out['metadata_cold_ms']:.0f} ms, p50 "
-                f"{out['metadata_p50_ms']:.1f} ms, {out['metadata_items']} items, peak RSS {rs.peak_mb:.0f} MB")
+                f"{out['metadata_p50_ms']:.1f} ms, {out['metadata_items']} items, peak RSS {rs.peak_mb:.0f} MB"
+                + (f" -- {out['metadata_invalid']}" if "metadata_invalid" in out else ""))
         except Exception as e:
             out["metadata_error"] = str(e)
             log(f"  {srv.name} metadata: ERROR {e}")
@@ -1170,7 +1198,9 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
     if g is not None or o is not None:
         r = ratio(g, o, False)
         c = lambda w: (f"{fmt(get(w, 'wado', 'metadata_p50_ms'), 1)} ms (cold "
-                       f"{fmt(get(w, 'wado', 'metadata_cold_ms'), 0)})") if get(w, "wado", "metadata_p50_ms") else None
+                       f"{fmt(get(w, 'wado', 'metadata_cold_ms'), 0)})"
+                       + (" (!invalid JSON)" if get(w, "wado", "metadata_invalid") else "")) \
+            if get(w, "wado", "metadata_p50_ms") else None
         rows.append([f"WADO metadata, {m['ct500']['count']}-instance study, p50", gw_cell(c(gw), str),
                      c(orth) or "—", fmt(r, 1) + "x" if r else "—", "—", "≥5x faster", met(r, 5.0)])
     g, o = get(gw, "wado", "retrieve_s"), get(orth, "wado", "retrieve_s")
@@ -1218,13 +1248,15 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
     hdr = ["Metric", "Gateway", "Orthanc", "Ratio vs Orthanc", "storescp", "Target", "Met"]
     lines = [f"# dicom-gateway benchmark results ({'quick' if args.quick else 'full'} run)", "",
              f"- date: {meta['date']}; host: {meta['host']}",
-             f"- peers: {meta.get('orthanc_version', 'Orthanc ?')}; {meta['dcmtk']}",
+             f"- peers: {meta.get('orthanc_version', 'Orthanc not run')}; {meta['dcmtk']}",
              f"- gateway: {meta['gateway']}",
              f"- data: {m['mr2k']['count']:,} MR 64x64 ({m['mr2k']['bytes'] / 1e6:.0f} MB), "
              f"{m['ct500']['count']:,} CT 512x512 ({m['ct500']['bytes'] / 1e6:.0f} MB), "
              f"{m['small20k']['count']:,} small in {len(m['small20k']['studies'])} studies "
              f"({m['small20k']['bytes'] / 1e6:.0f} MB); Explicit VR LE",
              f"- phases: {', '.join(args.only)}; servers: {', '.join(args.servers)}",
+             f"- servers' data under {meta['work_root']}: write+fsync of an 8 KB file takes "
+             f"{meta['fsync_ms']:.2f} ms (p50)",
              f"- load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in meta['load_start'])}, at end "
              f"{'/'.join(f'{x:.2f}' for x in meta['load_end'])}"
              + (" — **machine was busy: numbers are noisy**" if max(meta['load_start'][0], meta['load_end'][1]) > 1.0
@@ -1237,6 +1269,8 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
 
     # Notes
     notes = []
+    nagle: dict = {}
+    nagle_p99: dict = {}
     for q in queries:
         for name, r in (("gateway", gw), ("orthanc", orth)):
             x = get(r, "qido", q["key"])
@@ -1247,8 +1281,19 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
             elif x.get("results") != x.get("expected"):
                 notes.append(f"{name} {q['label']}: returned {x.get('results')} results, expected "
                              f"{x.get('expected')}")
+            if "p50_ms" in x and x["p50_ms"] - x.get("ttfb_p50_ms", 0) > 35 and x["p50_ms"] < 60:
+                nagle.setdefault(name, []).append(f"{q['key']} ({x['ttfb_p50_ms']:.1f} → {x['p50_ms']:.1f} ms)")
+            elif "p50_ms" in x and x["p50_ms"] < 15 and 40 <= x["p99_ms"] <= 60:
+                nagle_p99.setdefault(name, []).append(f"{q['key']} ({x['p50_ms']:.1f} / {x['p99_ms']:.1f} ms)")
             if x.get("truncated"):
                 notes.append(f"{name} {q['label']}: time budget hit, only {x['n']} timed requests")
+    for name, qs in nagle.items():
+        notes.append(f"{name}: QIDO headers arrive fast but the last byte ~40 ms later, the Nagle + "
+                     f"delayed-ACK stall of a server socket without TCP_NODELAY whose response is written in "
+                     f"several pieces (p50 headers → last byte): {', '.join(qs)}")
+    for name, qs in nagle_p99.items():
+        notes.append(f"{name}: QIDO p50 is fast but p99 sits at 40–60 ms, most likely the same ~40 ms "
+                     f"Nagle + delayed-ACK stall hitting some responses (p50 / p99): {', '.join(qs)}")
     for name, r in (("gateway", gw), ("orthanc", orth), ("storescp", scp)):
         if not r:
             continue
@@ -1262,7 +1307,7 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
                 notes.append(f"{name} {key}: storescu said: {' | '.join(x['warnings'][:3])}")
         w = get(r, "wado")
         if w:
-            for k in ("metadata_error", "retrieve_error", "frame_error", "frame_warning"):
+            for k in ("metadata_error", "metadata_invalid", "retrieve_error", "frame_error", "frame_warning"):
                 if k in w:
                     notes.append(f"{name} WADO {k.split('_')[0]}: {w[k]}")
             if w.get("metadata_items") is not None and w["metadata_items"] != m["ct500"]["count"]:
@@ -1368,8 +1413,12 @@ def main() -> int:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"),
                 host=f"{platform.node()}, {os.cpu_count()} cores, Linux {platform.release()}",
                 dcmtk=(dcmtk[0].strip("$ ").replace("dcmtk: ", "DCMTK ") if dcmtk else "DCMTK ?"),
-                gateway=("not run: " + gw_reason) if gw_reason else args.gateway_bin,
-                load_start=os.getloadavg())
+                gateway=("not in this run" if "gateway" not in args.servers else
+                         ("not run: " + gw_reason) if gw_reason else
+                         f"{args.gateway_bin} (built {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(args.gateway_bin)))})"),
+                load_start=os.getloadavg(),
+                fsync_ms=fsync_probe(args.work_root),
+                work_root=args.work_root or tempfile.gettempdir())
     if meta["load_start"][0] > 1.0:
         log(f"WARNING: load average {meta['load_start'][0]:.2f} on {os.cpu_count()} cores: other work "
             "is running, the numbers will be noisy")

@@ -45,8 +45,10 @@ impl Index {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit is on disk before we acknowledge the object.
-            .synchronous(SqliteSynchronous::Full)
+            // NORMAL: a commit survives a process crash at once, and a power loss after the next
+            // sync of the filesystem (each object store syncs it). The index is derived from storage:
+            // an object whose row a power loss dropped is indexed again by the start-up reconcile.
+            .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30))
             .pragma("case_sensitive_like", "ON");

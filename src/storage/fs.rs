@@ -2,7 +2,8 @@
 //!
 //! Durability: the spooled file is fsynced by its writer; `put_file` renames it into place (atomic on one
 //! filesystem) and fsyncs the directories it changed, so after a crash an object is either whole at its
-//! key or absent.
+//! key or absent. (`syncfs` would cover both in one call, but it also flushes whatever else is dirty on
+//! the filesystem, which makes ingest latency depend on unrelated writers.)
 
 use std::io::SeekFrom;
 use std::path::{Component, Path, PathBuf};
@@ -70,7 +71,7 @@ impl ObjectStore for FsStore {
             create_parents_durably(&root, &dest)?;
             if let Err(e) = std::fs::rename(&src, &dest) {
                 // Spool on another filesystem: copy, fsync, then rename within the destination.
-                if e.raw_os_error() != Some(18 /* EXDEV */) {
+                if e.raw_os_error() != Some(libc::EXDEV) {
                     return Err(e);
                 }
                 let tmp = dest.with_extension("partial");

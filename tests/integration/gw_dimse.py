@@ -164,11 +164,7 @@ def send_raw_c_store(assoc, payload: bytes, sop_class: str, sop_uid: str, ts: st
     req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_uid
     req.DataSet = BytesIO(payload)
-    # What Association.send_c_store does around the exchange: pause the reactor so that the response is
-    # left on the DIMSE queue for us.
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    pause_reactor(assoc)
     try:
         assoc.dimse.send_msg(req, cx.context_id)
         _cx_id, rsp = assoc.dimse.get_msg(block=True)
@@ -216,6 +212,21 @@ def cut_connection(assoc) -> None:
         pass
 
 
+def pause_reactor(assoc) -> None:
+    """Stop pynetdicom's reactor thread from taking DIMSE messages off the queue, so that the next response
+    is left for the caller. pynetdicom's own send_*() methods clear the checkpoint and wait for `_is_paused`,
+    but the reactor sets that flag before every wait(), paused or not, so a fast answer can be stolen
+    (seen here: "Received unexpected C-ECHO service message", then a DIMSE timeout). Waiting until the
+    reactor thread is actually blocked on the checkpoint closes that window."""
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and assoc.is_alive():
+        if assoc._is_paused and checkpoint._cond._waiters:
+            return
+        time.sleep(0.0002)
+
+
 def store(assoc, sample: Sample, msg_id: int = 1) -> int | None:
     """C-STORE `sample` exactly as encoded, on its own (SOP class, transfer syntax) context."""
     return send_raw_c_store(assoc, sample.payload, sample.sop_class, sample.sop_uid, sample.ts, msg_id)
@@ -244,5 +255,6 @@ def store_all(gw, samples: list[Sample], calling: str = "PYTEST") -> dict[str, i
 
 
 def echo_status(assoc) -> int | None:
+    pause_reactor(assoc)  # send_c_echo resumes it when done
     rsp: Dataset = assoc.send_c_echo()
     return int(rsp.Status) if "Status" in rsp else None

@@ -88,6 +88,7 @@ class Gateway:
                 "DICOMGW_INDEX__URL": f"sqlite://{self.index_path}",
                 "DICOMGW_DIMSE__AE_TITLE": self.ae_title,
                 "RUST_BACKTRACE": "1",
+                "NO_COLOR": "1",  # plain log lines in test reports
             }
         )
         env.setdefault("RUST_LOG", "info")
@@ -95,6 +96,19 @@ class Gateway:
         return {k: v for k, v in env.items() if v is not None}
 
     def start(self, timeout: float = START_TIMEOUT) -> "Gateway":
+        """Start and wait until ready. On the very first start only, a port taken by someone else between
+        free_port() and the bind is replaced and the start retried; later starts keep their ports."""
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except GatewayError as e:
+                if self.starts > 1 or "in use" not in str(e).lower() or attempt == 2:
+                    raise
+                self.starts = 0
+                self.dimse_port, self.http_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "Gateway":
         if self.is_running():
             raise GatewayError("gateway already running")
         binary = binary_path()

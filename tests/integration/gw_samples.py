@@ -78,6 +78,9 @@ class Sample:
     payload: bytes  # encoded data set (no File Meta Information), exactly as sent in the C-STORE
     ds: Dataset  # the data set as pydicom reads `payload`, with file_meta set
 
+    def __repr__(self) -> str:  # keeps pytest's failure reports readable
+        return f"<Sample {self.name} ts={self.ts} {len(self.payload)} bytes>"
+
     @property
     def id(self) -> str:  # for pytest ids
         return (self.name.replace("pydicom-charsets/", "cs/").replace("pydicom/", "")

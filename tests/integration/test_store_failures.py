@@ -32,8 +32,11 @@ def invalid_cases():
         cases.append((name.rsplit("/", 1)[-1], s))
     ct = small_ct(sop_uid=derived_uid("truncated", "ct"))
     n = len(ct.payload)
+    # CT_small ends with Pixel Data (32768 bytes) and then Data Set Trailing Padding (FFFC,FFFC), 126 bytes
+    # of value after a 12-byte header.
     for label, cut in [("ct-first-100-bytes", 100), ("ct-inside-element-header", 301),
-                       ("ct-half-pixel-data", n - 16000), ("ct-last-byte-missing", n - 1)]:
+                       ("ct-half-pixel-data", n - 16000), ("ct-last-pixel-byte-missing", n - 139),
+                       ("ct-cut-inside-trailing-padding", n - 1)]:
         cases.append((label, _cut(ct, cut, label)))
     implicit = sample_from_file(TESTDATA / "pydicom/MR_small_implicit.dcm")
     implicit = _with_uid(implicit, derived_uid("truncated", "implicit"))
