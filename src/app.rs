@@ -2,10 +2,13 @@
 //! HTTP until SIGINT/SIGTERM.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderName, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -73,7 +76,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     tokio::select! {
         r = dimse::serve(dimse_listener, dimse_ctx) => r,
-        r = axum::serve(http_listener, router) => r.map_err(Into::into),
+        r = axum::serve(
+            http_listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        ) => r.map_err(Into::into),
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
@@ -101,7 +107,10 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
                 async move { readiness(&state).await }
             }),
         )
-        .nest(dicomweb::ROOT, dicomweb::router(web))
+        .nest(
+            dicomweb::ROOT,
+            dicomweb::router(web).layer(axum::middleware::from_fn(audit_http)),
+        )
         .layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
         let origins = if cors_origins.iter().any(|o| o == "*") {
@@ -125,6 +134,27 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
         );
     }
     router
+}
+
+/// Audit trail of DICOMweb reads: who (address), what (path), outcome. Target `audit`, so operators
+/// can route it separately (e.g. `RUST_LOG=info,audit=info`).
+async fn audit_http(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    tracing::info!(
+        target: "audit",
+        %peer,
+        %method,
+        path,
+        status = response.status().as_u16(),
+        "dicomweb request"
+    );
+    response
 }
 
 async fn readiness(state: &WebState) -> impl IntoResponse {

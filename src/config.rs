@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 pub const ENV_PREFIX: &str = "DICOMGW_";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub dimse: DimseConfig,
@@ -84,18 +84,6 @@ pub struct IndexConfig {
 pub struct LogConfig {
     /// `tracing` filter directive, e.g. `info` or `dicom_gateway=debug,info`.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            dimse: DimseConfig::default(),
-            http: HttpConfig::default(),
-            storage: StorageConfig::default(),
-            index: IndexConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for DimseConfig {

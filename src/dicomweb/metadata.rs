@@ -128,7 +128,7 @@ async fn stream(
 fn append_with_base(buf: &mut BytesMut, json: &str, base: &str) {
     let mut rest = json;
     while let Some(pos) = rest.find(BASE_PLACEHOLDER) {
-        buf.extend_from_slice(rest[..pos].as_bytes());
+        buf.extend_from_slice(&rest.as_bytes()[..pos]);
         buf.extend_from_slice(base.as_bytes());
         rest = &rest[pos + BASE_PLACEHOLDER.len()..];
     }

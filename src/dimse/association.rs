@@ -45,7 +45,11 @@ enum ProtocolError {
     Network(String),
 }
 
-pub async fn run(mut assoc: AsyncServerAssociation<TcpStream>, ctx: &Context) {
+pub async fn run(
+    mut assoc: AsyncServerAssociation<TcpStream>,
+    ctx: &Context,
+    peer: std::net::SocketAddr,
+) {
     let calling_ae = assoc.peer_ae_title().trim().to_string();
     let contexts: HashMap<u8, PresentationContext> = assoc
         .presentation_contexts()
@@ -62,6 +66,8 @@ pub async fn run(mut assoc: AsyncServerAssociation<TcpStream>, ctx: &Context) {
         })
         .collect();
     tracing::info!(
+        target: "audit",
+        %peer,
         calling_ae,
         contexts = contexts.len(),
         "association accepted"

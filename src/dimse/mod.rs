@@ -137,7 +137,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
             Ok(permit) => {
                 tokio::spawn(async move {
                     match options.establish_async(socket).await {
-                        Ok(assoc) => association::run(assoc, &ctx).await,
+                        Ok(assoc) => association::run(assoc, &ctx, peer).await,
                         Err(e) => tracing::info!(%peer, error = %e, "association not established"),
                     }
                     drop(permit);

@@ -160,7 +160,13 @@ impl PendingStore {
             (None, None) => unreachable!("a pending store has a spool or a reply"),
         };
         if reply.status == status::SUCCESS {
-            tracing::debug!(sop_instance_uid = %self.expected.sop_instance_uid, calling_ae, "stored");
+            tracing::info!(
+                target: "audit",
+                calling_ae,
+                sop_class_uid = %self.expected.sop_class_uid,
+                sop_instance_uid = %self.expected.sop_instance_uid,
+                "C-STORE stored"
+            );
         } else {
             tracing::warn!(
                 sop_instance_uid = %self.expected.sop_instance_uid,

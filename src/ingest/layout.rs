@@ -969,9 +969,9 @@ mod tests {
     const RLE: &str = "1.2.840.10008.1.2.5";
 
     fn sample(name: &str) -> PathBuf {
-        let dir = std::env::var("DICOM_SAMPLES_DIR")
-            .unwrap_or_else(|_| "/work/shared/dicom-samples/pydicom".to_string());
-        let path = PathBuf::from(dir).join(name);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/pydicom")
+            .join(name);
         assert!(path.exists(), "missing test sample {}", path.display());
         path
     }
@@ -1547,7 +1547,7 @@ mod tests {
                 } else {
                     vec![0x12, 0x34]
                 };
-                v.extend(std::iter::repeat(i).take(10 + 2 * i as usize));
+                v.extend(std::iter::repeat_n(i, 10 + 2 * i as usize));
                 v
             })
             .collect()

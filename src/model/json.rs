@@ -1103,20 +1103,13 @@ mod tests {
     // Sample files
     // ---------------------------------------------------------------------------------
 
-    /// Sample files: `$DICOM_SAMPLES_DIR`, else `testdata/dicom-samples` in the crate,
-    /// else the shared copy in /work/shared/dicom-samples.
+    /// Sample files, from the crate's `testdata/` (see testdata/README.md).
     fn sample(rel: &str) -> PathBuf {
-        let mut roots = Vec::new();
-        if let Some(dir) = std::env::var_os("DICOM_SAMPLES_DIR") {
-            roots.push(PathBuf::from(dir));
-        }
-        roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/dicom-samples"));
-        roots.push(PathBuf::from("/work/shared/dicom-samples"));
-        roots
-            .iter()
-            .map(|r| r.join(rel))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("sample file {rel} not found (set DICOM_SAMPLES_DIR)"))
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join(rel);
+        assert!(path.exists(), "sample file {} not found", path.display());
+        path
     }
 
     fn open_meta(rel: &str) -> InMemDicomObject {

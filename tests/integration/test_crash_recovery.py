@@ -16,13 +16,13 @@ PER_SENDER = 60
 
 def qido_uids(gw) -> set[str]:
     c = client(gw)
-    out, offset = [], 0
-    while True:
-        page = c.search_for_instances(limit=100, offset=offset)
+    out: list[str] = []
+    for page_no in range(50):
+        page = c.search_for_instances(limit=100, offset=page_no * 100)
         out += [r["00080018"]["Value"][0] for r in page]
         if len(page) < 100:
             return set(out)
-        offset += 100
+    raise AssertionError("more than 50 pages of instances: offset ignored?")
 
 
 def retrieved_matches(gw, sample) -> str | None:
