@@ -452,13 +452,6 @@ class RssSampler:
         return (self.peak_kb - self.start_kb) / 1024.0
 
 
-def run_dcmtk(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"{cmd[0]} timed out after {timeout:.0f}s") from e
-
-
 def echo_ok(ae: str, port: int) -> bool:
     r = subprocess.run(["echoscu", "-to", "5", "-ta", "5", "-td", "5", "-aet", "BENCHSCU", "-aec", ae,
                         "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True, text=True, timeout=30)

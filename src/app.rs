@@ -11,6 +11,7 @@ use axum::http::{HeaderName, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures::TryStreamExt;
 use tokio::net::TcpListener;
@@ -70,6 +71,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         index,
         store,
         public_url: config.http.public_url.clone(),
+        listen_port: http_listener.local_addr()?.port(),
     });
     let router = http_router(web, &config.http.cors_allowed_origins);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
@@ -77,7 +79,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::select! {
         r = dimse::serve(dimse_listener, dimse_ctx) => r,
         r = axum::serve(
-            http_listener,
+            // Responses are written in pieces; without TCP_NODELAY the last piece waits for the
+            // client's delayed ACK (~40 ms on Linux).
+            http_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         ) => r.map_err(Into::into),
         _ = shutdown_signal() => {

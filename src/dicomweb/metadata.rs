@@ -75,10 +75,12 @@ async fn stream(
         .bind(&instance)
         .fetch(&pool);
         let mut buf = BytesMut::with_capacity(CHUNK * 2);
+        let mut first = true;
         loop {
             match rows.try_next().await {
                 Ok(Some(json)) => {
-                    buf.extend_from_slice(if buf.is_empty() { b"[" } else { b"," });
+                    buf.extend_from_slice(if first { b"[" } else { b"," });
+                    first = false;
                     append_with_base(&mut buf, &json, &base);
                     if buf.len() >= CHUNK && tx.send(Ok(buf.split().freeze())).await.is_err() {
                         return;

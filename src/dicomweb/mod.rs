@@ -31,6 +31,8 @@ pub struct WebState {
     pub store: Arc<dyn ObjectStore>,
     /// Configured public URL (without trailing slash), or empty to use the Host header.
     pub public_url: String,
+    /// The port we listen on, for a Host header that names no port (some clients omit it).
+    pub listen_port: u16,
 }
 
 impl WebState {
@@ -39,11 +41,27 @@ impl WebState {
         if !self.public_url.is_empty() {
             return format!("{}{ROOT}", self.public_url.trim_end_matches('/'));
         }
-        let host = headers
+        let forwarded = headers
             .get("x-forwarded-host")
-            .or_else(|| headers.get("host"))
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost");
+            .and_then(|h| h.to_str().ok());
+        let host = match forwarded {
+            Some(host) => host.to_string(),
+            None => {
+                let host = headers
+                    .get("host")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost");
+                // "host", "1.2.3.4" or "[::1]" without a port: the client reached us directly.
+                let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
+                    !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+                });
+                if has_port {
+                    host.to_string()
+                } else {
+                    format!("{host}:{}", self.listen_port)
+                }
+            }
+        };
         let scheme = headers
             .get("x-forwarded-proto")
             .and_then(|h| h.to_str().ok())

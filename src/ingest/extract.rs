@@ -1,6 +1,7 @@
 //! From a parsed object header to an index record: validated UIDs, normalised matching values, and
 //! the DICOM JSON kept for QIDO-RS and WADO-RS metadata.
 
+use dicom_core::header::Header;
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -42,6 +43,82 @@ pub fn text(obj: &InMemDicomObject, tag: Tag) -> String {
 fn integer(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
     let e = obj.element_opt(tag).ok().flatten()?;
     e.to_int::<i64>().ok()
+}
+
+/// Re-types top-level elements stored with VR UN whose tag the standard dictionary knows (legal in
+/// Explicit VR, PS3.5 6.2.2): their bytes are decoded with the dictionary's VR, so the UIDs, numbers
+/// and names they hold are matched and returned like any other. UN values are little endian.
+pub fn resolve_unknown_vrs(obj: &mut InMemDicomObject) {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    use dicom_core::value::{PrimitiveValue, C};
+    use dicom_core::DataElement;
+    let unknown: Vec<(Tag, VR, Vec<u8>)> = obj
+        .iter()
+        .filter(|e| e.vr() == VR::UN)
+        .filter_map(|e| {
+            let vr = dicom_dictionary_std::StandardDataDictionary
+                .by_tag(e.tag())
+                .and_then(|entry| entry.vr().exact())?;
+            let bytes = e.value().to_bytes().ok()?.into_owned();
+            Some((e.tag(), vr, bytes))
+        })
+        .collect();
+    for (tag, vr, bytes) in unknown {
+        let numbers = |size: usize| bytes.chunks_exact(size).map(|c| c.to_vec());
+        let value = match vr {
+            VR::SQ | VR::UN => continue,
+            VR::US => PrimitiveValue::U16(
+                numbers(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            VR::SS => PrimitiveValue::I16(
+                numbers(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            VR::UL => PrimitiveValue::U32(
+                numbers(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            VR::SL => PrimitiveValue::I32(
+                numbers(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            VR::FL => PrimitiveValue::F32(
+                numbers(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            VR::FD => PrimitiveValue::F64(
+                numbers(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ),
+            VR::OB | VR::OW | VR::OF | VR::OD | VR::OL | VR::OV | VR::AT | VR::SV | VR::UV => {
+                PrimitiveValue::U8(C::from_vec(bytes))
+            }
+            _ => {
+                // Text: the default repertoire is a subset of Latin-1, which maps bytes 1:1.
+                let text: String = bytes.iter().map(|&b| b as char).collect();
+                let text = text.trim_end_matches(['\0', ' ']);
+                let single = matches!(vr, VR::LT | VR::ST | VR::UT | VR::UR);
+                let values: Vec<String> = if single {
+                    vec![text.to_string()]
+                } else {
+                    text.split('\\').map(str::to_string).collect()
+                };
+                PrimitiveValue::Strs(C::from_vec(values))
+            }
+        };
+        let vr = match vr {
+            VR::AT | VR::SV | VR::UV => VR::UN,
+            other => other,
+        };
+        obj.put(DataElement::new(tag, vr, value));
+    }
 }
 
 /// The object's UIDs, or which one is missing or malformed.

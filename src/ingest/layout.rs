@@ -319,6 +319,8 @@ pub fn scan_pixel_data<R: Read + Seek>(
                 frames,
                 eot.as_deref().zip(eot_lengths.as_deref()),
             )?;
+            cur.seek_to(end);
+            check_trailing_elements(&mut cur, enc)?;
             return Ok(PixelDataScan {
                 metadata_end: Some(header_offset),
                 pixel_data: Some(PixelDataElement {
@@ -359,6 +361,23 @@ pub fn scan_pixel_data<R: Read + Seek>(
         }
         cur.skip(u64::from(h.len))?;
     }
+}
+
+/// Walks the top-level elements after the pixel data (e.g. Data Set Trailing Padding) to the end of
+/// the file, so that an object cut anywhere after its pixel data is still recognised as truncated.
+fn check_trailing_elements<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<()> {
+    while cur.remaining() > 0 {
+        let h = read_header(cur, enc)?;
+        if h.tag.0 == 0xFFFE {
+            return Err(invalid("item or delimiter at the top level of the dataset"));
+        }
+        if h.len == UNDEFINED {
+            skip_items(cur, nested_encoding(enc, &h), 1)?;
+        } else {
+            cur.skip(u64::from(h.len))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the transfer syntax uses explicit VR. The registry entry does not expose this

@@ -1,5 +1,6 @@
 //! The DICOM data model as clients see it: the JSON encoding ([`json`]) and which attributes belong
 //! to which level of the information model ([`levels`]).
 
+pub mod charset;
 pub mod json;
 pub mod levels;

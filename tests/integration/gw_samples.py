@@ -35,6 +35,11 @@ INVALID: dict[str, str] = {
     "pydicom/rtplan_truncated.dcm": "sent: data set ends inside the Beam Sequence",
     "pydicom/SC_rgb_jpeg.dcm": "sent: data set encoded in Implicit VR although its transfer syntax (JPEG "
     "Baseline) is Explicit VR; pydicom guesses its way through, a conformant parser cannot",
+    "pydicom/JPEGLSNearLossless_08.dcm": "sent: no Study Instance UID or Series Instance UID, so the "
+    "object has no place in the study/series hierarchy",
+    "pydicom/JPEGLSNearLossless_16.dcm": "sent: no Study Instance UID or Series Instance UID",
+    "pydicom/SC_rgb_jls_lossy_line.dcm": "sent: no Study Instance UID or Series Instance UID",
+    "pydicom/SC_rgb_jls_lossy_sample.dcm": "sent: no Study Instance UID or Series Instance UID",
     "pydicom/no_meta.dcm": "file: no File Meta Information",
     "pydicom/ExplVR_BigEndNoMeta.dcm": "file: no File Meta Information",
     "pydicom/ExplVR_LitEndNoMeta.dcm": "file: no File Meta Information",
