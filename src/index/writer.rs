@@ -163,30 +163,23 @@ async fn commit_batch(
             return Err((applied, e));
         }
     };
+    // A lone request needs no savepoint: its failure rolls back the whole (one-request) batch.
+    let savepoints = ops.len() > 1;
     for op in ops {
+        if !savepoints {
+            let (entry, ok) = apply(&mut tx, op).await;
+            applied.push(entry);
+            if !ok {
+                let _ = tx.rollback().await;
+                return Ok(applied);
+            }
+            continue;
+        }
         if let Err(e) = sqlx::query("SAVEPOINT op").execute(&mut *tx).await {
             applied.push(unapplied(op));
             return Err((applied, e));
         }
-        let (entry, ok) = match op {
-            Op::Insert {
-                record,
-                replace,
-                reply,
-            } => {
-                let result = insert(&mut tx, &record, replace).await;
-                let ok = result.is_ok();
-                (Applied::Insert(reply, result), ok)
-            }
-            Op::Remove {
-                sop_instance_uid,
-                reply,
-            } => {
-                let result = remove(&mut tx, &sop_instance_uid).await;
-                let ok = result.is_ok();
-                (Applied::Remove(reply, result), ok)
-            }
-        };
+        let (entry, ok) = apply(&mut tx, op).await;
         applied.push(entry);
         // A failed request is undone alone; the others in the batch still commit.
         let end = if ok {
@@ -201,6 +194,29 @@ async fn commit_batch(
     match tx.commit().await {
         Ok(()) => Ok(applied),
         Err(e) => Err((applied, e)),
+    }
+}
+
+/// Applies one request inside the open transaction; the flag says whether it succeeded.
+async fn apply(conn: &mut SqliteConnection, op: Op) -> (Applied, bool) {
+    match op {
+        Op::Insert {
+            record,
+            replace,
+            reply,
+        } => {
+            let result = insert(conn, &record, replace).await;
+            let ok = result.is_ok();
+            (Applied::Insert(reply, result), ok)
+        }
+        Op::Remove {
+            sop_instance_uid,
+            reply,
+        } => {
+            let result = remove(conn, &sop_instance_uid).await;
+            let ok = result.is_ok();
+            (Applied::Remove(reply, result), ok)
+        }
     }
 }
 
@@ -231,12 +247,13 @@ async fn insert(
     };
 
     let s = &r.study;
-    sqlx::query(
+    let study_pk: i64 = sqlx::query(
         "INSERT INTO studies (study_uid, patient_id, issuer_of_patient_id, patient_name,
             patient_birth_date, patient_sex, study_date, study_time, accession_number, study_id,
             study_description, referring_physician_name, attrs_json)
          VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
-         ON CONFLICT(study_uid) DO NOTHING",
+         ON CONFLICT(study_uid) DO UPDATE SET study_uid = excluded.study_uid
+         RETURNING study_pk",
     )
     .bind(&s.study_uid)
     .bind(&s.patient_id)
@@ -251,20 +268,18 @@ async fn insert(
     .bind(&s.study_description)
     .bind(&s.referring_physician_name)
     .bind(&s.attrs_json)
-    .execute(&mut *conn)
-    .await?;
-    let study_pk: i64 = sqlx::query_scalar("SELECT study_pk FROM studies WHERE study_uid = ?")
-        .bind(&s.study_uid)
-        .fetch_one(&mut *conn)
-        .await?;
+    .fetch_one(&mut *conn)
+    .await?
+    .get(0);
 
     let se = &r.series;
-    sqlx::query(
+    let row = sqlx::query(
         "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
             body_part_examined, laterality, series_date, series_time,
             performed_procedure_step_start_date, performed_procedure_step_start_time, attrs_json)
          VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
-         ON CONFLICT(series_uid) DO NOTHING",
+         ON CONFLICT(series_uid) DO UPDATE SET series_uid = excluded.series_uid
+         RETURNING series_pk, study_pk",
     )
     .bind(&se.series_uid)
     .bind(study_pk)
@@ -278,12 +293,8 @@ async fn insert(
     .bind(&se.performed_procedure_step_start_date)
     .bind(&se.performed_procedure_step_start_time)
     .bind(&se.attrs_json)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let row = sqlx::query("SELECT series_pk, study_pk FROM series WHERE series_uid = ?")
-        .bind(&se.series_uid)
-        .fetch_one(&mut *conn)
-        .await?;
     let (series_pk, owner): (i64, i64) = (row.get(0), row.get(1));
     if owner != study_pk {
         return Err(WriteError::SeriesInOtherStudy {

@@ -101,7 +101,7 @@ impl Ingestor {
         let path = spooled.path().to_path_buf();
         let size = spooled.size();
         let key_suffix = unique_suffix();
-        let parsed = tokio::task::spawn_blocking(move || {
+        let parse = tokio::task::spawn_blocking(move || {
             parse(&path, size, |uids| {
                 instance_key(
                     &uids.study_uid,
@@ -110,9 +110,19 @@ impl Ingestor {
                     &key_suffix,
                 )
             })
+        });
+        // The disk flush of the spooled data runs while the header is parsed.
+        let (spooled, synced) = tokio::task::spawn_blocking(move || {
+            let synced = spooled.sync_data();
+            (spooled, synced)
         })
         .await
-        .expect("parse task panicked")?;
+        .expect("sync task panicked");
+        let parsed = parse.await.expect("parse task panicked")?;
+        synced.map_err(|e| StorageError::Io {
+            key: "spool".into(),
+            source: e,
+        })?;
 
         if let Some(exp) = expected {
             check_expected(&parsed.uids, exp)?;
@@ -236,6 +246,8 @@ fn parse(
         .open_file(path)
         .map_err(|e| unparseable(&e))?;
     extract::resolve_unknown_vrs(&mut obj);
+    crate::model::charset::fix_text_encoding(&mut obj, &mut file, dataset_start, &ts_uid)
+        .map_err(|e| unparseable(&e))?;
     let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
     let layout = locate_frames(&mut file, dataset_start, &ts_uid, &geometry(&obj))
         .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;

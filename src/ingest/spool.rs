@@ -16,10 +16,11 @@ pub struct SpoolWriter {
     size: u64,
 }
 
-/// A complete, fsynced spool file.
+/// A complete spool file, flushed to the OS; [`Spooled::sync_data`] makes its data durable.
 pub struct Spooled {
     path: TempPath,
     size: u64,
+    file: std::fs::File,
 }
 
 impl SpoolWriter {
@@ -65,13 +66,14 @@ impl SpoolWriter {
         self.size
     }
 
-    /// Flushes and fsyncs the file.
+    /// Flushes the file to the OS (not yet to disk: see [`Spooled::sync_data`]).
     pub async fn finish(mut self) -> std::io::Result<Spooled> {
         self.file.flush().await?;
-        self.file.get_mut().sync_data().await?;
+        let file = self.file.into_inner().into_std().await;
         Ok(Spooled {
             path: self.path,
             size: self.size,
+            file,
         })
     }
 }
@@ -85,7 +87,13 @@ impl Spooled {
         self.size
     }
 
+    /// Makes the file's data durable (blocking; ingest runs it while it parses the header).
+    pub fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Moves the file into storage under `key`; on failure the spool file is removed.
+    /// The data must have been synced with [`Spooled::sync_data`].
     pub async fn store_into(self, store: &dyn ObjectStore, key: &str) -> Result<(), StorageError> {
         store.put_file(key, &self.path).await?;
         // The file now belongs to storage: forget it instead of deleting it on drop.

@@ -238,8 +238,10 @@ fn katakana(low7: u8) -> char {
 /// Value 1 gives the initial sets (an empty or absent value 1 means ISO 2022 IR 6); when it is
 /// ISO_IR 192, GB18030 or GBK (which do not use code extensions) the whole value is decoded with
 /// it. Escape sequences are honoured for every set listed in the module documentation, declared
-/// in (0008,0005) or not; unknown escape sequences are dropped. A multi-valued value comes back
-/// as one string with its `\` delimiters. Undecodable bytes become U+FFFD.
+/// in (0008,0005) or not; unknown escape sequences are dropped. While a two-byte set is in G0,
+/// bytes 0x21..0x7E pair into characters, so `\`, `^` and `=` delimit only once a single-byte set
+/// is back in G0 (the standard requires that switch before every delimiter). A multi-valued
+/// value comes back as one string with its `\` delimiters. Undecodable bytes become U+FFFD.
 pub fn decode_text(bytes: &[u8], specific_character_set: &[&str], is_person_name: bool) -> String {
     let first = specific_character_set
         .first()
@@ -537,11 +539,11 @@ struct Walk {
 impl Walk {
     /// Walks the elements of one data set. `node` is its parsed counterpart (if known),
     /// `in_force` the character set in force around it.
-    fn dataset<'o, R: Read + Seek>(
+    fn dataset<R: Read + Seek>(
         &mut self,
         raw: &mut Raw<'_, R>,
         enc: Enc,
-        node: Option<&'o InMemDicomObject>,
+        node: Option<&InMemDicomObject>,
         in_force: &[String],
         end: End,
         depth: u32,
@@ -550,12 +552,8 @@ impl Walk {
             return Err(invalid("sequences nested too deeply".into()));
         }
         let own = node.and_then(declared_charset);
-        let charset: Vec<&str> = own
-            .as_deref()
-            .unwrap_or(in_force)
-            .iter()
-            .map(String::as_str)
-            .collect();
+        let scope = own.as_deref().unwrap_or(in_force);
+        let charset: Vec<&str> = scope.iter().map(String::as_str).collect();
         loop {
             match end {
                 End::TopLevel if raw.remaining() == 0 => return Ok(()),
@@ -585,14 +583,13 @@ impl Walk {
             };
             match element.map(|e| (e.vr(), e.value())) {
                 Some((_, Value::Sequence(seq))) => {
-                    let scope: Vec<String> = charset.iter().map(|s| s.to_string()).collect();
                     self.sequence(
                         raw,
                         nested_enc,
                         h.tag,
                         h.len,
                         Some(seq.items()),
-                        &scope,
+                        scope,
                         depth,
                     )?;
                 }
@@ -628,13 +625,13 @@ impl Walk {
 
     /// Walks the items of a sequence (or skips a fragment sequence when `items` is `None`).
     #[allow(clippy::too_many_arguments)]
-    fn sequence<'o, R: Read + Seek>(
+    fn sequence<R: Read + Seek>(
         &mut self,
         raw: &mut Raw<'_, R>,
         enc: Enc,
         tag: Tag,
         len: u32,
-        items: Option<&'o [InMemDicomObject]>,
+        items: Option<&[InMemDicomObject]>,
         in_force: &[String],
         depth: u32,
     ) -> io::Result<()> {
@@ -703,8 +700,9 @@ fn is_text(vr: VR) -> bool {
 /// is the offset of the data set after the file meta group and `ts_uid` its transfer syntax.
 /// Deflated and unknown transfer syntaxes are left alone (`Ok(())`). Only values that decode
 /// differently are replaced (a value's VR is kept; PN/LO/SH/UC become `Strs` split at `\`,
-/// ST/LT/UT a single `Str`, as dicom-rs reads them). Errors: I/O errors, and `InvalidData` /
-/// `UnexpectedEof` for a malformed encoded data set.
+/// ST/LT/UT a single `Str`, as dicom-rs reads them). Errors: I/O errors only; when the encoded
+/// data set cannot be walked (malformed in a way dicom-rs tolerated) a warning is logged and
+/// `obj` is left as dicom-rs decoded it.
 pub fn fix_text_encoding<R: Read + Seek>(
     obj: &mut InMemDicomObject,
     reader: &mut R,
@@ -714,7 +712,20 @@ pub fn fix_text_encoding<R: Read + Seek>(
     if !needs_fix(obj) {
         return Ok(());
     }
-    redecode(obj, reader, dataset_start, ts_uid).map(|_| ())
+    match redecode(obj, reader, dataset_start, ts_uid) {
+        Ok(_) => Ok(()),
+        // dicom-rs parsed the object: keep its decoding rather than refuse the object
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            tracing::warn!(error = %e, "text left as decoded by dicom-rs: cannot walk the data set");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Re-decodes every text element of `obj` from the encoded data set and replaces those that
@@ -1080,7 +1091,11 @@ mod tests {
         let mut out = Vec::new();
         out.extend_from_slice(&tag.0.to_le_bytes());
         out.extend_from_slice(&tag.1.to_le_bytes());
-        let len = if value.is_empty() { u32::MAX } else { value.len() as u32 };
+        let len = if value.is_empty() {
+            u32::MAX
+        } else {
+            value.len() as u32
+        };
         if !explicit {
             out.extend_from_slice(&len.to_le_bytes());
         } else if vr == b"SQ" {
@@ -1119,7 +1134,8 @@ mod tests {
     fn item_charset_scope() {
         for (ts, explicit) in [("1.2.840.10008.1.2.1", true), ("1.2.840.10008.1.2", false)] {
             let el = |tag, vr, value: &[u8]| element(tag, vr, value, explicit);
-            let japanese: &[u8] = b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3=\x1b$B;3ED\x1b(J^\x1b$BB@O:\x1b(J ";
+            let japanese: &[u8] =
+                b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3=\x1b$B;3ED\x1b(J^\x1b$BB@O:\x1b(J ";
             let item = [
                 el((0x0008, 0x0005), b"CS", b"ISO 2022 IR 13\\ISO 2022 IR 87 "),
                 el((0x0008, 0x0104), b"LO", b"\xd4\xcf"),
@@ -1164,23 +1180,68 @@ mod tests {
                 "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎",
                 "{ts}"
             );
-            assert_eq!(text_at(&fixed, (procedure, 0, tags::CODE_MEANING)), "ﾔﾏ", "{ts}");
+            assert_eq!(
+                text_at(&fixed, (procedure, 0, tags::CODE_MEANING)),
+                "ﾔﾏ",
+                "{ts}"
+            );
             assert_eq!(text_at(&fixed, tags::PATIENT_NAME), "Buc^Jérôme", "{ts}");
             let request = tags::REQUEST_ATTRIBUTES_SEQUENCE;
             assert_eq!(
-                text_at(&fixed, (request, 0, tags::SCHEDULED_PROCEDURE_STEP_DESCRIPTION)),
+                text_at(
+                    &fixed,
+                    (request, 0, tags::SCHEDULED_PROCEDURE_STEP_DESCRIPTION)
+                ),
                 "Buc^Jérôme",
                 "{ts}"
             );
             assert_eq!(
                 text_at(
                     &fixed,
-                    (request, 0, tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE, 0, tags::CODE_MEANING)
+                    (
+                        request,
+                        0,
+                        tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE,
+                        0,
+                        tags::CODE_MEANING
+                    )
                 ),
                 "Jérôme",
                 "{ts}"
             );
         }
+    }
+
+    /// A reader that fails: proves no I/O happens.
+    struct NoIo;
+    impl Read for NoIo {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            panic!("read")
+        }
+    }
+    impl Seek for NoIo {
+        fn seek(&mut self, _: SeekFrom) -> io::Result<u64> {
+            panic!("seek")
+        }
+    }
+
+    #[test]
+    fn handled_charsets_cost_no_io() {
+        for name in ["chrFren.dcm", "chrX1.dcm", "chrX2.dcm", "chrRuss.dcm"] {
+            let obj = dicom_object::OpenFileOptions::new()
+                .read_until(tags::PIXEL_DATA)
+                .open_file(charset_dir().join(name))
+                .unwrap();
+            let mut obj: InMemDicomObject = (*obj).clone();
+            fix_text_encoding(&mut obj, &mut NoIo, 0, "1.2.840.10008.1.2.1").unwrap();
+        }
+        assert!(needs_fix(&InMemDicomObject::from_element_iter([
+            dicom_core::DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                PrimitiveValue::from("ISO_IR 148"),
+            )
+        ])));
     }
 
     /// Objects whose character sets dicom-rs handles are left alone, and walking them anyway

@@ -1,6 +1,6 @@
 //! Filesystem backend: one file per object under a root directory.
 //!
-//! Durability: the spooled file is fsynced by its writer; `put_file` renames it into place (atomic on one
+//! Durability: the spooled file's data is fsynced by ingest before `put_file`; `put_file` renames it into place (atomic on one
 //! filesystem) and fsyncs the directories it changed, so after a crash an object is either whole at its
 //! key or absent. (`syncfs` would cover both in one call, but it also flushes whatever else is dirty on
 //! the filesystem, which makes ingest latency depend on unrelated writers.)
