@@ -89,14 +89,6 @@ impl Index {
         self.writer.insert(record, replace).await
     }
 
-    /// Removes an instance row (and its series/study when they become empty); returns its storage key.
-    pub async fn remove_instance(
-        &self,
-        sop_instance_uid: &str,
-    ) -> Result<Option<String>, WriteError> {
-        self.writer.remove(sop_instance_uid.to_string()).await
-    }
-
     pub async fn instance_exists(&self, sop_instance_uid: &str) -> sqlx::Result<bool> {
         let row = sqlx::query("SELECT 1 FROM instances WHERE sop_instance_uid = ?")
             .bind(sop_instance_uid)
@@ -148,30 +140,6 @@ impl Index {
                 frame_layout: r.get(7),
             })
             .collect())
-    }
-
-    /// The stored DICOM JSON of each instance under a study / series / instance, in retrieve order.
-    pub async fn metadata_json(
-        &self,
-        study_uid: &str,
-        series_uid: Option<&str>,
-        sop_instance_uid: Option<&str>,
-    ) -> sqlx::Result<Vec<String>> {
-        sqlx::query_scalar(
-            "SELECT i.metadata_json
-             FROM instances i
-             JOIN series se ON se.series_pk = i.series_pk
-             JOIN studies st ON st.study_pk = i.study_pk
-             WHERE st.study_uid = ?1
-               AND (?2 IS NULL OR se.series_uid = ?2)
-               AND (?3 IS NULL OR i.sop_instance_uid = ?3)
-             ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
-        )
-        .bind(study_uid)
-        .bind(series_uid)
-        .bind(sop_instance_uid)
-        .fetch_all(&self.read)
-        .await
     }
 
     /// Every storage key the index refers to (for reconciliation with storage).

@@ -37,10 +37,6 @@ enum Op {
         replace: bool,
         reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
     },
-    Remove {
-        sop_instance_uid: String,
-        reply: oneshot::Sender<Result<Option<String>, WriteError>>,
-    },
 }
 
 #[derive(Clone)]
@@ -81,16 +77,6 @@ impl WriterHandle {
         self.tx.send(op).await.map_err(|_| WriteError::Stopped)?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
-
-    pub async fn remove(&self, sop_instance_uid: String) -> Result<Option<String>, WriteError> {
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Remove {
-            sop_instance_uid,
-            reply,
-        };
-        self.tx.send(op).await.map_err(|_| WriteError::Stopped)?;
-        rx.await.map_err(|_| WriteError::Stopped)?
-    }
 }
 
 /// A request applied inside the open transaction, waiting for the commit to be answered.
@@ -98,10 +84,6 @@ enum Applied {
     Insert(
         oneshot::Sender<Result<InsertOutcome, WriteError>>,
         Result<InsertOutcome, WriteError>,
-    ),
-    Remove(
-        oneshot::Sender<Result<Option<String>, WriteError>>,
-        Result<Option<String>, WriteError>,
     ),
 }
 
@@ -122,9 +104,6 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Op>) {
                 Applied::Insert(reply, result) => {
                     let _ = reply.send(result);
                 }
-                Applied::Remove(reply, result) => {
-                    let _ = reply.send(result);
-                }
             }
         }
     }
@@ -135,9 +114,6 @@ fn fail_all(applied: Vec<Applied>, e: &sqlx::Error) {
     for a in applied {
         match a {
             Applied::Insert(reply, _) => {
-                let _ = reply.send(Err(err()));
-            }
-            Applied::Remove(reply, _) => {
                 let _ = reply.send(Err(err()));
             }
         }
@@ -209,21 +185,12 @@ async fn apply(conn: &mut SqliteConnection, op: Op) -> (Applied, bool) {
             let ok = result.is_ok();
             (Applied::Insert(reply, result), ok)
         }
-        Op::Remove {
-            sop_instance_uid,
-            reply,
-        } => {
-            let result = remove(conn, &sop_instance_uid).await;
-            let ok = result.is_ok();
-            (Applied::Remove(reply, result), ok)
-        }
     }
 }
 
 fn unapplied(op: Op) -> Applied {
     match op {
         Op::Insert { reply, .. } => Applied::Insert(reply, Err(WriteError::Stopped)),
-        Op::Remove { reply, .. } => Applied::Remove(reply, Err(WriteError::Stopped)),
     }
 }
 
