@@ -1027,6 +1027,34 @@ def _get_multipart(h: Http, path: str, accept: str):
 # Orchestration
 # --------------------------------------------------------------------------------------
 
+def sectors_written() -> int:
+    """Sectors written so far on all whole disks (/proc/diskstats field 10)."""
+    total = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            parts = line.split()
+            name = parts[2]
+            if name.startswith(("loop", "ram", "dm-")) or name[-1].isdigit() and not name.startswith("nvme"):
+                continue
+            total += int(parts[9])
+    return total
+
+
+def wait_disk_quiet(max_wait: float = 90.0, quiet_mb_per_s: float = 1.0) -> float:
+    """Waits until the disks write less than `quiet_mb_per_s` for two seconds in a row, so that one
+    server's ingest is not slowed by the write-back and discards of the previous server's deleted data
+    (servers run one after another; both pay fsync latency). Returns the seconds waited."""
+    start = time.monotonic()
+    quiet = 0
+    last = sectors_written()
+    while time.monotonic() - start < max_wait and quiet < 2:
+        time.sleep(1.0)
+        now = sectors_written()
+        quiet = quiet + 1 if (now - last) * 512 < quiet_mb_per_s * 1e6 else 0
+        last = now
+    return time.monotonic() - start
+
+
 def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cache: Path) -> dict:
     res: dict = {"errors": []}
     phases = args.only
@@ -1051,6 +1079,9 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
 
     # Phase A: 2,000 MR on a fresh server
     if "ingest" in phases:
+        waited = wait_disk_quiet()
+        if waited > 3:
+            log(f"  waited {waited:.0f}s for the disk to go quiet before {kind}")
         srv = make()
         try:
             run_phase("start", lambda: srv.start(args.ready_timeout))
@@ -1074,6 +1105,7 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
     need_ct = "ingest" in phases or "qido" in phases or "wado" in phases
     if not need_ct:
         return res
+    wait_disk_quiet()
     srv = make(fork=True)
     try:
         run_phase("start", lambda: srv.start(args.ready_timeout))

@@ -38,36 +38,42 @@ pub struct WebState {
 impl WebState {
     /// The DICOMweb base URL clients should use, e.g. `http://host:8080/dicomweb`.
     pub fn base_url(&self, headers: &HeaderMap) -> String {
-        if !self.public_url.is_empty() {
-            return format!("{}{ROOT}", self.public_url.trim_end_matches('/'));
-        }
-        let forwarded = headers
-            .get("x-forwarded-host")
-            .and_then(|h| h.to_str().ok());
-        let host = match forwarded {
-            Some(host) => host.to_string(),
-            None => {
-                let host = headers
-                    .get("host")
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost");
-                // "host", "1.2.3.4" or "[::1]" without a port: the client reached us directly.
-                let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
-                    !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
-                });
-                if has_port {
-                    host.to_string()
-                } else {
-                    format!("{host}:{}", self.listen_port)
-                }
-            }
-        };
-        let scheme = headers
-            .get("x-forwarded-proto")
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("http");
-        format!("{scheme}://{host}{ROOT}")
+        base_url(&self.public_url, self.listen_port, headers)
     }
+}
+
+/// The base URL from the configured public URL, else the forwarding headers of a reverse proxy, else
+/// the Host header (completed with our port when it names none).
+fn base_url(public_url: &str, listen_port: u16, headers: &HeaderMap) -> String {
+    if !public_url.is_empty() {
+        return format!("{}{ROOT}", public_url.trim_end_matches('/'));
+    }
+    let forwarded = headers
+        .get("x-forwarded-host")
+        .and_then(|h| h.to_str().ok());
+    let host = match forwarded {
+        Some(host) => host.to_string(),
+        None => {
+            let host = headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            // "host", "1.2.3.4" or "[::1]" without a port: the client reached us directly.
+            let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+            });
+            if has_port {
+                host.to_string()
+            } else {
+                format!("{host}:{}", listen_port)
+            }
+        }
+    };
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("http");
+    format!("{scheme}://{host}{ROOT}")
 }
 
 pub fn router(state: Arc<WebState>) -> Router {
@@ -115,4 +121,45 @@ fn check_uids(uids: &[&str]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn base_url_comes_from_config_then_forwarding_headers_then_host() {
+        let url = |h: &[(&'static str, &'static str)]| base_url("", 8080, &headers(h));
+        assert_eq!(url(&[("host", "pacs:9000")]), "http://pacs:9000/dicomweb");
+        // A Host header without a port (some clients send one) means our own port.
+        assert_eq!(
+            url(&[("host", "127.0.0.1")]),
+            "http://127.0.0.1:8080/dicomweb"
+        );
+        assert_eq!(url(&[("host", "[::1]")]), "http://[::1]:8080/dicomweb");
+        assert_eq!(
+            url(&[
+                ("host", "internal:8080"),
+                ("x-forwarded-host", "pacs.example.org"),
+                ("x-forwarded-proto", "https")
+            ]),
+            "https://pacs.example.org/dicomweb"
+        );
+        assert_eq!(
+            base_url(
+                "https://imaging.example.org/",
+                8080,
+                &headers(&[("host", "x:1")])
+            ),
+            "https://imaging.example.org/dicomweb"
+        );
+    }
 }

@@ -68,6 +68,9 @@ pub const TRANSFER_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.4.108", // HEVC/H.265 Main 10 Profile
 ];
 
+/// How long a new connection has to send its A-ASSOCIATE-RQ.
+const ASSOCIATION_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What every association handler shares.
 pub struct Context {
     pub config: DimseConfig,
@@ -136,9 +139,18 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
-                    match options.establish_async(socket).await {
-                        Ok(assoc) => association::run(assoc, &ctx, peer).await,
-                        Err(e) => tracing::info!(%peer, error = %e, "association not established"),
+                    // A peer that connects and sends no A-ASSOCIATE-RQ must not hold a slot for the
+                    // whole read timeout.
+                    let request_timeout = Duration::from_secs(ctx.config.read_timeout_secs)
+                        .min(ASSOCIATION_REQUEST_TIMEOUT);
+                    match tokio::time::timeout(request_timeout, options.establish_async(socket))
+                        .await
+                    {
+                        Ok(Ok(assoc)) => association::run(assoc, &ctx, peer).await,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "association not established")
+                        }
+                        Err(_) => tracing::info!(%peer, "no association request in time"),
                     }
                     drop(permit);
                 });
