@@ -24,9 +24,13 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use dicom_encoding::decode::DecodeFrom;
-use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntax, TransferSyntaxIndex};
+use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use super::encoded::{
+    decode_header, nested_encoding, short_length_vr, Enc, Header, ITEM, ITEM_DELIMITER,
+    SEQUENCE_DELIMITER, UNDEFINED,
+};
 
 /// A byte range inside the stored file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -132,8 +136,7 @@ pub struct PixelDataScan {
     pub layout: Layout,
 }
 
-/// Maximum nesting depth of sequences/items accepted before the input is rejected.
-pub const MAX_DEPTH: u32 = 64;
+pub use super::encoded::MAX_DEPTH;
 
 /// Maximum number of fragments recorded for encapsulated pixel data; beyond that the layout is
 /// reported as [`Layout::Unavailable`] (keeps memory bounded on hostile input).
@@ -145,10 +148,6 @@ const BUF_SIZE: usize = 8192;
 /// How much to read after jumping past a value that did not fit in the buffer.
 const READ_AFTER_JUMP: usize = 512;
 
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: (u16, u16) = (0xFFFE, 0xE000);
-const ITEM_DELIMITER: (u16, u16) = (0xFFFE, 0xE00D);
-const SEQUENCE_DELIMITER: (u16, u16) = (0xFFFE, 0xE0DD);
 const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
 const FLOAT_PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0008);
 const DOUBLE_PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0009);
@@ -274,12 +273,8 @@ pub fn scan_pixel_data<R: Read + Seek>(
         // the whole dataset goes through a codec (deflate): no stable offsets
         return Ok(unavailable);
     }
-    let Some(explicit) = is_explicit_vr(ts) else {
+    let Some(enc) = Enc::of(ts) else {
         return Ok(unavailable);
-    };
-    let enc = Enc {
-        explicit,
-        big: ts.endianness() == Endianness::Big,
     };
     let kind = if ts.is_encapsulated_pixel_data() {
         PixelKind::Encapsulated(codestream_kind(ts.uid()))
@@ -334,7 +329,7 @@ pub fn scan_pixel_data<R: Read + Seek>(
             });
         }
         if h.len == UNDEFINED {
-            skip_items(&mut cur, nested_encoding(enc, &h), 1)?;
+            skip_items(&mut cur, nested_encoding(enc, h.vr), 1)?;
             continue;
         }
         let table_len = u64::from(frames) * 8;
@@ -372,26 +367,12 @@ fn check_trailing_elements<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) ->
             return Err(invalid("item or delimiter at the top level of the dataset"));
         }
         if h.len == UNDEFINED {
-            skip_items(cur, nested_encoding(enc, &h), 1)?;
+            skip_items(cur, nested_encoding(enc, h.vr), 1)?;
         } else {
             cur.skip(u64::from(h.len))?;
         }
     }
     Ok(())
-}
-
-/// Whether the transfer syntax uses explicit VR. The registry entry does not expose this
-/// directly, so a short (UI, 16-bit length) element header is decoded with the transfer
-/// syntax's own decoder: an explicit VR decoder reads length 2, an implicit one does not.
-/// `None` when the registry has no decoder for the syntax (e.g. implicit VR big endian).
-fn is_explicit_vr(ts: &TransferSyntax) -> Option<bool> {
-    let probe: [u8; 8] = match ts.endianness() {
-        Endianness::Little => [0x08, 0x00, 0x16, 0x00, b'U', b'I', 0x02, 0x00],
-        Endianness::Big => [0x00, 0x08, 0x00, 0x16, b'U', b'I', 0x00, 0x02],
-    };
-    let decoder = ts.decoder_for::<&[u8]>()?;
-    let (header, _) = decoder.decode_header(&mut &probe[..]).ok()?;
-    Some(header.len.0 == 2)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,7 +444,7 @@ fn pixel_data_layout<R: Read + Seek>(
         PixelKind::Encapsulated(c) if !enc.big && enc.explicit => c,
         _ => {
             // not valid for this transfer syntax; find the end of the element and give up
-            skip_items(cur, nested_encoding(enc, h), 1)?;
+            skip_items(cur, nested_encoding(enc, h.vr), 1)?;
             return Ok((Layout::Unavailable, cur.pos));
         }
     };
@@ -696,99 +677,12 @@ fn native_layout(value: Extent, g: &ImageGeometry, frames: u32) -> Layout {
 // ---------------------------------------------------------------------------------------------
 // dataset walking
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Enc {
-    explicit: bool,
-    big: bool,
-}
-
-const IMPLICIT_LE: Enc = Enc {
-    explicit: false,
-    big: false,
-};
-
-#[derive(Debug, Clone, Copy)]
-struct Header {
-    tag: (u16, u16),
-    /// Explicit VR, if the encoding has one and the element is not an item/delimiter.
-    vr: Option<[u8; 2]>,
-    len: u32,
-}
-
-/// VRs whose explicit-VR length field is 16 bits (PS3.5 7.1.2); every other VR, including
-/// unknown ones, has 2 reserved bytes and a 32-bit length.
-fn short_length_vr(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"AE"
-            | b"AS"
-            | b"AT"
-            | b"CS"
-            | b"DA"
-            | b"DS"
-            | b"DT"
-            | b"FL"
-            | b"FD"
-            | b"IS"
-            | b"LO"
-            | b"LT"
-            | b"PN"
-            | b"SH"
-            | b"SL"
-            | b"SS"
-            | b"ST"
-            | b"TM"
-            | b"UI"
-            | b"UL"
-            | b"US"
-    )
-}
-
 fn read_header<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<Header> {
-    let b: [u8; 8] = cur.read_array()?;
-    let u16_at = |i: usize| {
-        if enc.big {
-            u16::from_be_bytes([b[i], b[i + 1]])
-        } else {
-            u16::from_le_bytes([b[i], b[i + 1]])
-        }
-    };
-    let u32_from = |x: [u8; 4]| {
-        if enc.big {
-            u32::from_be_bytes(x)
-        } else {
-            u32::from_le_bytes(x)
-        }
-    };
-    let tag = (u16_at(0), u16_at(2));
-    if tag.0 == 0xFFFE || !enc.explicit {
-        return Ok(Header {
-            tag,
-            vr: None,
-            len: u32_from([b[4], b[5], b[6], b[7]]),
-        });
+    let (mut header, long_length) = decode_header(enc, cur.read_array()?);
+    if long_length {
+        header.len = enc.u32(cur.read_array()?);
     }
-    let vr = [b[4], b[5]];
-    let len = if short_length_vr(vr) {
-        u32::from(u16_at(6))
-    } else {
-        u32_from(cur.read_array()?)
-    };
-    Ok(Header {
-        tag,
-        vr: Some(vr),
-        len,
-    })
-}
-
-/// Encoding of the items of an undefined-length element: UN is Implicit VR Little Endian
-/// (PS3.5 6.2.2), everything else keeps the current encoding.
-fn nested_encoding(enc: Enc, h: &Header) -> Enc {
-    if h.vr == Some(*b"UN") {
-        IMPLICIT_LE
-    } else {
-        enc
-    }
+    Ok(header)
 }
 
 /// Skip the items of an undefined-length value up to and including its sequence delimiter.
@@ -827,7 +721,7 @@ fn skip_item_dataset<R: Read + Seek>(
             return Err(invalid("unexpected delimiter inside an item"));
         }
         if h.len == UNDEFINED {
-            skip_items(cur, nested_encoding(enc, &h), depth + 1)?;
+            skip_items(cur, nested_encoding(enc, h.vr), depth + 1)?;
         } else {
             cur.skip(u64::from(h.len))?;
         }

@@ -8,6 +8,7 @@
 //!
 //! Architecture invariant: only this module writes objects to storage and rows to the index.
 
+pub mod encoded;
 pub mod extract;
 pub mod layout;
 pub mod spool;

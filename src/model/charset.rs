@@ -30,10 +30,15 @@ use dicom_core::value::{PrimitiveValue, Value};
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::text::SpecificCharacterSet;
-use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntaxIndex};
+use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use encoding_rs::Encoding;
+
+use crate::ingest::encoded::{
+    decode_header, nested_encoding, Enc, Header, ITEM, ITEM_DELIMITER, MAX_DEPTH,
+    SEQUENCE_DELIMITER, UNDEFINED,
+};
 
 const ESC: u8 = 0x1B;
 
@@ -395,30 +400,6 @@ fn needs_fix(obj: &InMemDicomObject) -> bool {
 // ---------------------------------------------------------------------------------------------
 // the encoded data set
 
-/// Maximum nesting depth of sequences walked.
-const MAX_DEPTH: u32 = 64;
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: Tag = Tag(0xFFFE, 0xE000);
-const ITEM_DELIMITER: Tag = Tag(0xFFFE, 0xE00D);
-const SEQUENCE_DELIMITER: Tag = Tag(0xFFFE, 0xE0DD);
-
-#[derive(Debug, Clone, Copy)]
-struct Enc {
-    explicit: bool,
-    big: bool,
-}
-
-const IMPLICIT_LE: Enc = Enc {
-    explicit: false,
-    big: false,
-};
-
-struct RawHeader {
-    tag: Tag,
-    vr: Option<[u8; 2]>,
-    len: u32,
-}
-
 /// A buffered reader that knows its position and the end of the file.
 struct Raw<'a, R: Read + Seek> {
     inner: BufReader<&'a mut R>,
@@ -467,44 +448,23 @@ impl<R: Read + Seek> Raw<'_, R> {
         Ok(())
     }
 
-    fn header(&mut self, enc: Enc) -> io::Result<RawHeader> {
-        let u16_at = |b: [u8; 2]| {
-            if enc.big {
-                u16::from_be_bytes(b)
-            } else {
-                u16::from_le_bytes(b)
-            }
+    fn header(&mut self, enc: Enc) -> io::Result<Header> {
+        let b: [u8; 8] = self.read()?;
+        let (mut h, long_length) = decode_header(enc, b);
+        let Some(vr) = h.vr else {
+            return Ok(h);
         };
-        let u32_at = |b: [u8; 4]| {
-            if enc.big {
-                u32::from_be_bytes(b)
-            } else {
-                u32::from_le_bytes(b)
-            }
-        };
-        let t: [u8; 4] = self.read()?;
-        let tag = Tag(u16_at([t[0], t[1]]), u16_at([t[2], t[3]]));
-        if tag.0 == 0xFFFE || !enc.explicit {
-            let len = u32_at(self.read()?);
-            return Ok(RawHeader { tag, vr: None, len });
-        }
-        let vr: [u8; 2] = self.read()?;
         if !vr.iter().all(u8::is_ascii_uppercase) {
-            return Err(invalid(format!("invalid VR in element {tag}")));
+            return Err(invalid(format!(
+                "invalid VR in element {}",
+                Tag::from(h.tag)
+            )));
         }
-        let len = match &vr {
-            b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN"
-            | b"UR" | b"UT" | b"UV" => {
-                let b: [u8; 6] = self.read()?;
-                u32_at([b[2], b[3], b[4], b[5]])
-            }
-            _ => u32::from(u16_at(self.read()?)),
-        };
-        Ok(RawHeader {
-            tag,
-            vr: Some(vr),
-            len,
-        })
+        if long_length {
+            // Unknown VRs have a 32-bit length too (PS3.5 7.1.2), as the layout walker reads them.
+            h.len = enc.u32(self.read()?);
+        }
+        Ok(h)
     }
 }
 
@@ -566,32 +526,21 @@ impl Walk {
                 _ => {}
             }
             let h = raw.header(enc)?;
+            let tag = Tag::from(h.tag);
             if h.tag == ITEM_DELIMITER && matches!(end, End::Delimiter) {
                 return Ok(());
             }
-            if h.tag.0 == 0xFFFE {
-                return Err(invalid(format!("unexpected {} in a data set", h.tag)));
+            if tag.0 == 0xFFFE {
+                return Err(invalid(format!("unexpected {tag} in a data set")));
             }
-            if matches!(end, End::TopLevel) && h.tag >= tags::PIXEL_DATA {
+            if matches!(end, End::TopLevel) && tag >= tags::PIXEL_DATA {
                 return Ok(());
             }
-            let element = node.and_then(|n| n.get(h.tag));
-            let nested_enc = if h.vr == Some(*b"UN") {
-                IMPLICIT_LE
-            } else {
-                enc
-            };
+            let element = node.and_then(|n| n.get(tag));
+            let nested_enc = nested_encoding(enc, h.vr);
             match element.map(|e| (e.vr(), e.value())) {
                 Some((_, Value::Sequence(seq))) => {
-                    self.sequence(
-                        raw,
-                        nested_enc,
-                        h.tag,
-                        h.len,
-                        Some(seq.items()),
-                        scope,
-                        depth,
-                    )?;
+                    self.sequence(raw, nested_enc, tag, h.len, Some(seq.items()), scope, depth)?;
                 }
                 Some((vr, Value::Primitive(current)))
                     if is_text(vr) && h.len != UNDEFINED && h.len > 0 =>
@@ -608,7 +557,7 @@ impl Walk {
                             .path
                             .iter()
                             .map(|&(tag, item)| AttributeSelectorStep::Nested { tag, item })
-                            .chain([AttributeSelectorStep::Tag(h.tag)]);
+                            .chain([AttributeSelectorStep::Tag(tag)]);
                         if let Some(selector) = AttributeSelector::new(steps) {
                             self.fixes.push(Fix { selector, value });
                         }
@@ -616,7 +565,7 @@ impl Walk {
                 }
                 _ if h.len == UNDEFINED => {
                     // not a parsed sequence (e.g. encapsulated pixel data in an icon): skip it
-                    self.sequence(raw, nested_enc, h.tag, h.len, None, in_force, depth)?;
+                    self.sequence(raw, nested_enc, tag, h.len, None, in_force, depth)?;
                 }
                 _ => raw.skip(h.len)?,
             }
@@ -673,7 +622,12 @@ impl Walk {
                     }
                     index = index.saturating_add(1);
                 }
-                other => return Err(invalid(format!("unexpected {other} in sequence {tag}"))),
+                other => {
+                    return Err(invalid(format!(
+                        "unexpected {} in sequence {tag}",
+                        Tag::from(other)
+                    )))
+                }
             }
         }
     }
@@ -743,12 +697,8 @@ fn redecode<R: Read + Seek>(
     if matches!(ts.codec(), Codec::Dataset(_)) {
         return Ok(0);
     }
-    let Some(explicit) = explicit_vr(ts) else {
+    let Some(enc) = Enc::of(ts) else {
         return Ok(0);
-    };
-    let enc = Enc {
-        explicit,
-        big: ts.endianness() == Endianness::Big,
     };
     let end = reader.seek(SeekFrom::End(0))?;
     if dataset_start > end {
@@ -783,21 +733,6 @@ fn redecode<R: Read + Seek>(
         });
     }
     Ok(count)
-}
-
-/// Whether the transfer syntax uses explicit VR: a short explicit VR element header is decoded
-/// with the syntax's own decoder, which reads its length as 2 only if it expects explicit VR.
-/// `None` when the registry has no decoder for it.
-fn explicit_vr(ts: &dicom_encoding::TransferSyntax) -> Option<bool> {
-    use dicom_encoding::decode::DecodeFrom;
-    let header: [u8; 8] = if ts.endianness() == Endianness::Big {
-        [0x00, 0x10, 0x00, 0x20, b'L', b'O', 0x00, 0x02]
-    } else {
-        [0x10, 0x00, 0x20, 0x00, b'L', b'O', 0x02, 0x00]
-    };
-    let decoder = ts.decoder_for::<&[u8]>()?;
-    let (decoded, _) = decoder.decode_header(&mut &header[..]).ok()?;
-    Some(decoded.len.0 == 2)
 }
 
 #[cfg(test)]
