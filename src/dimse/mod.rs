@@ -190,3 +190,19 @@ async fn reject_busy(mut socket: TcpStream, timeout_secs: u64) {
         let _ = socket.write_all(&buf).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_transfer_syntax_can_be_negotiated() {
+        // dicom-ul only accepts syntaxes its registry supports: deflate needs a crate feature.
+        for ts in TRANSFER_SYNTAXES {
+            assert!(
+                dicom_ul::association::server::is_supported(ts),
+                "{ts} would be refused in negotiation"
+            );
+        }
+    }
+}
