@@ -112,19 +112,14 @@ impl Ingestor {
                 )
             })
         });
-        // The disk flush of the spooled data runs while the header is parsed.
-        let (spooled, synced) = tokio::task::spawn_blocking(move || {
+        // The disk flush of the spooled data runs while the header is parsed. It is awaited only
+        // once the object is known to be stored: a refused object or a resent duplicate does not wait
+        // for it (the spool file is dropped, and so deleted, when the flush finishes).
+        let sync = tokio::task::spawn_blocking(move || {
             let synced = spooled.sync_data();
             (spooled, synced)
-        })
-        .await
-        .expect("sync task panicked");
+        });
         let parsed = parse.await.expect("parse task panicked")?;
-        synced.map_err(|e| StorageError::Io {
-            key: "spool".into(),
-            source: e,
-        })?;
-
         if let Some(exp) = expected {
             check_expected(&parsed.uids, exp)?;
         }
@@ -137,6 +132,11 @@ impl Ingestor {
         {
             return Ok(Outcome::DuplicateKept);
         }
+        let (spooled, synced) = sync.await.expect("sync task panicked");
+        synced.map_err(|e| StorageError::Io {
+            key: "spool".into(),
+            source: e,
+        })?;
 
         let key = parsed.record.instance.storage_key.clone();
         spooled.store_into(self.store.as_ref(), &key).await?;
