@@ -13,6 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::error::ApiError;
 use super::{check_uids, WebState};
+use crate::index::INSTANCES_IN_SCOPE;
 use crate::ingest::extract::BASE_PLACEHOLDER;
 
 /// Rows are sent to the client in chunks of about this size.
@@ -60,20 +61,12 @@ async fn stream(
     let pool = state.index.read_pool().clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, sqlx::Error>>(4);
     tokio::spawn(async move {
-        let mut rows = sqlx::query_scalar::<_, String>(
-            "SELECT i.metadata_json
-             FROM instances i
-             JOIN series se ON se.series_pk = i.series_pk
-             JOIN studies st ON st.study_pk = i.study_pk
-             WHERE st.study_uid = ?1
-               AND (?2 IS NULL OR se.series_uid = ?2)
-               AND (?3 IS NULL OR i.sop_instance_uid = ?3)
-             ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
-        )
-        .bind(&study)
-        .bind(&series)
-        .bind(&instance)
-        .fetch(&pool);
+        let sql = format!("SELECT i.metadata_json {INSTANCES_IN_SCOPE}");
+        let mut rows = sqlx::query_scalar::<_, String>(&sql)
+            .bind(&study)
+            .bind(&series)
+            .bind(&instance)
+            .fetch(&pool);
         let mut buf = BytesMut::with_capacity(CHUNK * 2);
         let mut first = true;
         loop {

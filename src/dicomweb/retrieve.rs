@@ -129,9 +129,8 @@ async fn retrieve(
             .iter()
             .map(|i| encoding_for(&i.transfer_syntax_uid, a.transfer_syntax.as_deref()))
             .collect::<Option<Vec<Encoding>>>()
-            .map(|encodings| (a.clone(), encodings))
     });
-    let Some((accepted, encodings)) = plan else {
+    let Some(encodings) = plan else {
         return Err(ApiError::NotAcceptable(
             "the requested transfer syntax is not available for these instances (compressed \
              objects are served with transfer-syntax=* or their stored transfer syntax)"
@@ -151,7 +150,6 @@ async fn retrieve(
         }
         writer.finish().await;
     });
-    let _ = accepted;
     Ok(multipart_response(body, &boundary, "application/dicom"))
 }
 

@@ -34,6 +34,16 @@ pub struct StoredInstance {
     pub frame_layout: String,
 }
 
+/// The instances of a study (?1), optionally narrowed to a series (?2) and an instance (?3), in
+/// retrieve order: the one definition of "what a WADO-RS resource covers".
+pub const INSTANCES_IN_SCOPE: &str = "FROM instances i
+     JOIN series se ON se.series_pk = i.series_pk
+     JOIN studies st ON st.study_pk = i.study_pk
+     WHERE st.study_uid = ?1
+       AND (?2 IS NULL OR se.series_uid = ?2)
+       AND (?3 IS NULL OR i.sop_instance_uid = ?3)
+     ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk";
+
 #[derive(Clone)]
 pub struct Index {
     read: SqlitePool,
@@ -111,17 +121,11 @@ impl Index {
         series_uid: Option<&str>,
         sop_instance_uid: Option<&str>,
     ) -> sqlx::Result<Vec<StoredInstance>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
                     i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout
-             FROM instances i
-             JOIN series se ON se.series_pk = i.series_pk
-             JOIN studies st ON st.study_pk = i.study_pk
-             WHERE st.study_uid = ?1
-               AND (?2 IS NULL OR se.series_uid = ?2)
-               AND (?3 IS NULL OR i.sop_instance_uid = ?3)
-             ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
-        )
+             {INSTANCES_IN_SCOPE}"
+        ))
         .bind(study_uid)
         .bind(series_uid)
         .bind(sop_instance_uid)

@@ -31,17 +31,22 @@ pub enum WriteError {
     Stopped,
 }
 
-enum Op {
-    Insert {
-        record: Box<InstanceRecord>,
-        replace: bool,
-        reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
-    },
+/// One insert waiting for the writer.
+struct Request {
+    record: Box<InstanceRecord>,
+    replace: bool,
+    reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
+}
+
+/// A request applied inside the open transaction, its answer held until the commit.
+struct Applied {
+    reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
+    result: Result<InsertOutcome, WriteError>,
 }
 
 #[derive(Clone)]
 pub struct WriterHandle {
-    tx: mpsc::Sender<Op>,
+    tx: mpsc::Sender<Request>,
 }
 
 impl WriterHandle {
@@ -69,94 +74,88 @@ impl WriterHandle {
         replace: bool,
     ) -> Result<InsertOutcome, WriteError> {
         let (reply, rx) = oneshot::channel();
-        let op = Op::Insert {
+        let request = Request {
             record: Box::new(record),
             replace,
             reply,
         };
-        self.tx.send(op).await.map_err(|_| WriteError::Stopped)?;
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| WriteError::Stopped)?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 }
 
-/// A request applied inside the open transaction, waiting for the commit to be answered.
-enum Applied {
-    Insert(
-        oneshot::Sender<Result<InsertOutcome, WriteError>>,
-        Result<InsertOutcome, WriteError>,
-    ),
-}
-
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Op>) {
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Request>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let ops = std::mem::take(&mut batch);
-        let applied = match commit_batch(&pool, ops).await {
-            Ok(applied) => applied,
+        let requests = std::mem::take(&mut batch);
+        match commit_batch(&pool, requests).await {
+            Ok(applied) => {
+                for a in applied {
+                    let _ = a.reply.send(a.result);
+                }
+            }
             Err((applied, e)) => {
                 tracing::error!(error = %e, "index commit failed");
-                fail_all(applied, &e);
-                continue;
-            }
-        };
-        for a in applied {
-            match a {
-                Applied::Insert(reply, result) => {
-                    let _ = reply.send(result);
+                for a in applied {
+                    let err = sqlx::Error::Protocol(format!("commit failed: {e}"));
+                    let _ = a.reply.send(Err(WriteError::Database(err)));
                 }
             }
         }
     }
 }
 
-fn fail_all(applied: Vec<Applied>, e: &sqlx::Error) {
-    let err = || WriteError::Database(sqlx::Error::Protocol(format!("commit failed: {e}")));
-    for a in applied {
-        match a {
-            Applied::Insert(reply, _) => {
-                let _ = reply.send(Err(err()));
-            }
-        }
-    }
-}
-
+/// Applies the requests in one transaction. On a transaction-level error, every request's reply
+/// is returned with the error so that all of them are answered as failed.
 async fn commit_batch(
     pool: &SqlitePool,
-    ops: Vec<Op>,
+    requests: Vec<Request>,
 ) -> Result<Vec<Applied>, (Vec<Applied>, sqlx::Error)> {
-    let mut applied = Vec::with_capacity(ops.len());
+    let unapplied = |requests: Vec<Request>| -> Vec<Applied> {
+        requests
+            .into_iter()
+            .map(|r| Applied {
+                reply: r.reply,
+                result: Err(WriteError::Stopped),
+            })
+            .collect()
+    };
     let mut conn = match pool.acquire().await {
         Ok(c) => c,
-        Err(e) => {
-            let applied = ops.into_iter().map(unapplied).collect();
-            return Err((applied, e));
-        }
+        Err(e) => return Err((unapplied(requests), e)),
     };
     let mut tx = match conn.begin().await {
         Ok(tx) => tx,
-        Err(e) => {
-            let applied = ops.into_iter().map(unapplied).collect();
-            return Err((applied, e));
-        }
+        Err(e) => return Err((unapplied(requests), e)),
     };
     // A lone request needs no savepoint: its failure rolls back the whole (one-request) batch.
-    let savepoints = ops.len() > 1;
-    for op in ops {
+    let savepoints = requests.len() > 1;
+    let mut applied = Vec::with_capacity(requests.len());
+    let mut pending = requests.into_iter();
+    while let Some(r) = pending.next() {
+        if savepoints {
+            if let Err(e) = sqlx::query("SAVEPOINT op").execute(&mut *tx).await {
+                let mut rest = unapplied(std::iter::once(r).chain(pending).collect());
+                applied.append(&mut rest);
+                return Err((applied, e));
+            }
+        }
+        let result = insert(&mut tx, &r.record, r.replace).await;
+        let ok = result.is_ok();
+        applied.push(Applied {
+            reply: r.reply,
+            result,
+        });
         if !savepoints {
-            let (entry, ok) = apply(&mut tx, op).await;
-            applied.push(entry);
             if !ok {
                 let _ = tx.rollback().await;
                 return Ok(applied);
             }
             continue;
         }
-        if let Err(e) = sqlx::query("SAVEPOINT op").execute(&mut *tx).await {
-            applied.push(unapplied(op));
-            return Err((applied, e));
-        }
-        let (entry, ok) = apply(&mut tx, op).await;
-        applied.push(entry);
         // A failed request is undone alone; the others in the batch still commit.
         let end = if ok {
             "RELEASE op"
@@ -164,33 +163,14 @@ async fn commit_batch(
             "ROLLBACK TO op; RELEASE op"
         };
         if let Err(e) = sqlx::raw_sql(end).execute(&mut *tx).await {
+            let mut rest = unapplied(pending.collect());
+            applied.append(&mut rest);
             return Err((applied, e));
         }
     }
     match tx.commit().await {
         Ok(()) => Ok(applied),
         Err(e) => Err((applied, e)),
-    }
-}
-
-/// Applies one request inside the open transaction; the flag says whether it succeeded.
-async fn apply(conn: &mut SqliteConnection, op: Op) -> (Applied, bool) {
-    match op {
-        Op::Insert {
-            record,
-            replace,
-            reply,
-        } => {
-            let result = insert(conn, &record, replace).await;
-            let ok = result.is_ok();
-            (Applied::Insert(reply, result), ok)
-        }
-    }
-}
-
-fn unapplied(op: Op) -> Applied {
-    match op {
-        Op::Insert { reply, .. } => Applied::Insert(reply, Err(WriteError::Stopped)),
     }
 }
 

@@ -45,6 +45,14 @@ fn integer(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
     e.to_int::<i64>().ok()
 }
 
+/// Decodes fixed-size little endian numbers (a trailing partial chunk is ignored).
+fn le<const N: usize, T>(bytes: &[u8], from: fn([u8; N]) -> T) -> dicom_core::value::C<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| from(c.try_into().expect("chunk of N bytes")))
+        .collect()
+}
+
 /// Re-types top-level elements stored with VR UN whose tag the standard dictionary knows (legal in
 /// Explicit VR, PS3.5 6.2.2): their bytes are decoded with the dictionary's VR, so the UIDs, numbers
 /// and names they hold are matched and returned like any other. UN values are little endian.
@@ -64,39 +72,14 @@ pub fn resolve_unknown_vrs(obj: &mut InMemDicomObject) {
         })
         .collect();
     for (tag, vr, bytes) in unknown {
-        let numbers = |size: usize| bytes.chunks_exact(size).map(|c| c.to_vec());
         let value = match vr {
             VR::SQ | VR::UN => continue,
-            VR::US => PrimitiveValue::U16(
-                numbers(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            VR::SS => PrimitiveValue::I16(
-                numbers(2)
-                    .map(|c| i16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            VR::UL => PrimitiveValue::U32(
-                numbers(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            VR::SL => PrimitiveValue::I32(
-                numbers(4)
-                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            VR::FL => PrimitiveValue::F32(
-                numbers(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            VR::FD => PrimitiveValue::F64(
-                numbers(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-            ),
+            VR::US => PrimitiveValue::U16(le(&bytes, u16::from_le_bytes)),
+            VR::SS => PrimitiveValue::I16(le(&bytes, i16::from_le_bytes)),
+            VR::UL => PrimitiveValue::U32(le(&bytes, u32::from_le_bytes)),
+            VR::SL => PrimitiveValue::I32(le(&bytes, i32::from_le_bytes)),
+            VR::FL => PrimitiveValue::F32(le(&bytes, f32::from_le_bytes)),
+            VR::FD => PrimitiveValue::F64(le(&bytes, f64::from_le_bytes)),
             VR::OB | VR::OW | VR::OF | VR::OD | VR::OL | VR::OV | VR::AT | VR::SV | VR::UV => {
                 PrimitiveValue::U8(C::from_vec(bytes))
             }
