@@ -197,9 +197,9 @@ async fn insert(
     let study_pk: i64 = sqlx::query(
         "INSERT INTO studies (study_uid, patient_id, issuer_of_patient_id, patient_name,
             patient_birth_date, patient_sex, study_date, study_time, accession_number, study_id,
-            study_description, referring_physician_name, attrs_json)
-         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
-         ON CONFLICT(study_uid) DO UPDATE SET study_uid = excluded.study_uid
+            study_description, referring_physician_name, attrs_json, num_instances)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)
+         ON CONFLICT(study_uid) DO UPDATE SET num_instances = num_instances + 1
          RETURNING study_pk",
     )
     .bind(&s.study_uid)
@@ -223,10 +223,11 @@ async fn insert(
     let row = sqlx::query(
         "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description,
             body_part_examined, laterality, series_date, series_time,
-            performed_procedure_step_start_date, performed_procedure_step_start_time, attrs_json)
-         VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
-         ON CONFLICT(series_uid) DO UPDATE SET series_uid = excluded.series_uid
-         RETURNING series_pk, study_pk",
+            performed_procedure_step_start_date, performed_procedure_step_start_time, attrs_json,
+            num_instances)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1)
+         ON CONFLICT(series_uid) DO UPDATE SET num_instances = num_instances + 1
+         RETURNING series_pk, study_pk, num_instances",
     )
     .bind(&se.series_uid)
     .bind(study_pk)
@@ -242,7 +243,7 @@ async fn insert(
     .bind(&se.attrs_json)
     .fetch_one(&mut *conn)
     .await?;
-    let (series_pk, owner): (i64, i64) = (row.get(0), row.get(1));
+    let (series_pk, owner, series_instances): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     if owner != study_pk {
         return Err(WriteError::SeriesInOtherStudy {
             series_uid: se.series_uid.clone(),
@@ -275,11 +276,11 @@ async fn insert(
     .execute(&mut *conn)
     .await?;
 
-    sqlx::query("UPDATE series SET num_instances = num_instances + 1 WHERE series_pk = ?")
-        .bind(series_pk)
-        .execute(&mut *conn)
-        .await?;
-    refresh_study_counts(conn, study_pk).await?;
+    // The instance counts were incremented by the upserts above; a new series also changes the
+    // study's series count and modalities. (A failed request's savepoint undoes all of it.)
+    if series_instances == 1 {
+        refresh_study_counts(conn, study_pk).await?;
+    }
     Ok(outcome)
 }
 

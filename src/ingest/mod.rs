@@ -112,28 +112,42 @@ impl Ingestor {
                 )
             })
         });
-        // The disk flush of the spooled data runs while the header is parsed. It is awaited only
-        // once the object is known to be stored: a refused object or a resent duplicate does not wait
-        // for it (the spool file is dropped, and so deleted, when the flush finishes).
-        let sync = tokio::task::spawn_blocking(move || {
-            let synced = spooled.sync_data();
-            (spooled, synced)
+        // The spooled data goes to disk while the header is parsed. It is awaited only once the
+        // object is known to be stored: a refused object or a resent duplicate does not wait for it
+        // (the spool file is dropped, and so deleted, when the write-back finishes).
+        let write_back = tokio::task::spawn_blocking(move || {
+            let written = spooled.write_back();
+            (spooled, written)
         });
-        let parsed = parse.await.expect("parse task panicked")?;
+        // Under keep_first a resent instance is not stored again. The sender's SOP Instance UID is
+        // looked up while the header is parsed; check_expected then ties it to the data set's.
+        let keep_first = self.on_duplicate == DuplicatePolicy::KeepFirst;
+        let claimed_uid = expected.map(|e| e.sop_instance_uid.trim_end_matches(['\0', ' ']));
+        let early_lookup = async {
+            match claimed_uid {
+                Some(uid) if keep_first => Some(self.index.instance_exists(uid).await),
+                _ => None,
+            }
+        };
+        let (parsed, early) = tokio::join!(parse, early_lookup);
+        let parsed = parsed.expect("parse task panicked")?;
         if let Some(exp) = expected {
             check_expected(&parsed.uids, exp)?;
         }
-        if self.on_duplicate == DuplicatePolicy::KeepFirst
-            && self
-                .index
-                .instance_exists(&parsed.uids.sop_instance_uid)
-                .await
-                .map_err(WriteError::from)?
-        {
+        let duplicate = match early {
+            Some(found) => found,
+            None if keep_first => {
+                self.index
+                    .instance_exists(&parsed.uids.sop_instance_uid)
+                    .await
+            }
+            None => Ok(false),
+        };
+        if duplicate.map_err(WriteError::from)? {
             return Ok(Outcome::DuplicateKept);
         }
-        let (spooled, synced) = sync.await.expect("sync task panicked");
-        synced.map_err(|e| StorageError::Io {
+        let (spooled, written) = write_back.await.expect("write-back task panicked");
+        written.map_err(|e| StorageError::Io {
             key: "spool".into(),
             source: e,
         })?;

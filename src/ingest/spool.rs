@@ -16,7 +16,7 @@ pub struct SpoolWriter {
     size: u64,
 }
 
-/// A complete spool file, flushed to the OS; [`Spooled::sync_data`] makes its data durable.
+/// A complete spool file, flushed to the OS (not yet durable: the store makes it so).
 pub struct Spooled {
     path: TempPath,
     size: u64,
@@ -66,7 +66,7 @@ impl SpoolWriter {
         self.size
     }
 
-    /// Flushes the file to the OS (not yet to disk: see [`Spooled::sync_data`]).
+    /// Flushes the file to the OS (not yet to disk: see [`Spooled::write_back`]).
     pub async fn finish(mut self) -> std::io::Result<Spooled> {
         self.file.flush().await?;
         let file = self.file.into_inner().into_std().await;
@@ -87,13 +87,27 @@ impl Spooled {
         self.size
     }
 
-    /// Makes the file's data durable (blocking; ingest runs it while it parses the header).
-    pub fn sync_data(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+    /// Writes the file's data to the disk without flushing the disk's cache or committing the
+    /// file system's journal (blocking; ingest runs it while it parses the header). The filesystem
+    /// store's flush after its rename then only has to commit the journal: one disk flush per object
+    /// instead of two (data, then the rename). Only a speed-up: durability is the store's job.
+    pub fn write_back(&self) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: plain syscall on a file descriptor this struct owns; a length of 0 means "to
+            // the end of the file".
+            if unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, flags) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 
-    /// Moves the file into storage under `key`; on failure the spool file is removed.
-    /// The data must have been synced with [`Spooled::sync_data`].
+    /// Moves the file into storage under `key`, durably; on failure the spool file is removed.
     pub async fn store_into(self, store: &dyn ObjectStore, key: &str) -> Result<(), StorageError> {
         store.put_file(key, &self.path).await?;
         // The file now belongs to storage: forget it instead of deleting it on drop.

@@ -51,9 +51,7 @@ impl StorageError {
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
     /// Stores the content of the local file `src` under `key`, replacing any object there, and
-    /// returns once it is durable. `src` is consumed (moved or deleted). Its data must already be on
-    /// disk (spool files are fsynced by ingest, overlapped with parsing), so a backend that moves the
-    /// file only has to make the move durable.
+    /// returns once it is durable. `src` is consumed (moved or deleted).
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError>;
     /// Streams the whole object.
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError>;
