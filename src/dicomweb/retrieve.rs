@@ -230,15 +230,13 @@ fn fix_wide_big_endian_pixels(obj: &mut dicom_object::DefaultDicomObject) {
     use dicom_core::DataElement;
     use dicom_dictionary_std::tags;
     let bits = obj
-        .element_opt(tags::BITS_ALLOCATED)
-        .ok()
-        .flatten()
+        .get(tags::BITS_ALLOCATED)
         .and_then(|e| e.to_int::<u16>().ok())
         .unwrap_or(0);
     if bits != 32 && bits != 64 {
         return;
     }
-    let Some(pixels) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
+    let Some(pixels) = obj.get(tags::PIXEL_DATA) else {
         return;
     };
     let vr = pixels.vr();

@@ -243,7 +243,8 @@ async fn insert(
     .bind(&se.attrs_json)
     .fetch_one(&mut *conn)
     .await?;
-    let (series_pk, owner, series_instances): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (series_pk, owner, series_instances): (i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2));
     if owner != study_pk {
         return Err(WriteError::SeriesInOtherStudy {
             series_uid: se.series_uid.clone(),

@@ -29,9 +29,7 @@ pub struct ObjectUids {
 
 /// Text value of an element, padding trimmed; empty when absent or not text.
 pub fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
+    obj.get(tag)
         .and_then(|e| {
             e.to_str()
                 .ok()
@@ -41,7 +39,7 @@ pub fn text(obj: &InMemDicomObject, tag: Tag) -> String {
 }
 
 fn integer(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
-    let e = obj.element_opt(tag).ok().flatten()?;
+    let e = obj.get(tag)?;
     e.to_int::<i64>().ok()
 }
 

@@ -91,15 +91,13 @@ impl ImageGeometry {
     {
         use dicom_dictionary_std::tags;
         // Some(None) when absent, None when present but unreadable
-        let u16_of = |tag| match obj.element_opt(tag) {
-            Ok(Some(e)) => e.to_int::<u16>().ok().map(Some),
-            Ok(None) => Some(None),
-            Err(_) => None,
+        let u16_of = |tag| match obj.get(tag) {
+            Some(e) => e.to_int::<u16>().ok().map(Some),
+            None => Some(None),
         };
-        let frames = match obj.element_opt(tags::NUMBER_OF_FRAMES) {
-            Ok(Some(e)) => e.to_int::<u32>().ok()?,
-            Ok(None) => 1,
-            Err(_) => return None,
+        let frames = match obj.get(tags::NUMBER_OF_FRAMES) {
+            Some(e) => e.to_int::<u32>().ok()?,
+            None => 1,
         };
         Some(ImageGeometry {
             rows: u16_of(tags::ROWS)??,
