@@ -6,8 +6,11 @@
 //! 3. The object is put into storage (durable), then the record is committed to the index, and only
 //!    then is success returned.
 //!
+//! Deletion ([`delete`]) goes through here too: rows first, then objects.
+//!
 //! Architecture invariant: only this module writes objects to storage and rows to the index.
 
+mod delete;
 pub mod encoded;
 pub mod extract;
 pub mod layout;
@@ -26,6 +29,7 @@ use crate::storage::{instance_key, ObjectStore, StorageError};
 use extract::{build_record, geometry, object_uids, ObjectUids};
 use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
 
+pub use delete::Removal;
 pub use spool::{SpoolWriter, Spooled};
 
 /// What the sender said the object is (from the C-STORE command), checked against the dataset.
@@ -115,8 +119,13 @@ impl Ingestor {
         // The disk flush of the spooled data runs while the header is parsed. It is awaited only
         // once the object is known to be stored: a refused object or a resent duplicate does not wait
         // for it (the spool file is dropped, and so deleted, when the flush finishes).
+        let needs_sync = self.store.needs_synced_source();
         let sync = tokio::task::spawn_blocking(move || {
-            let synced = spooled.sync_data();
+            let synced = if needs_sync {
+                spooled.sync_data()
+            } else {
+                Ok(())
+            };
             (spooled, synced)
         });
         let parsed = parse.await.expect("parse task panicked")?;
