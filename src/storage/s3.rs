@@ -3,8 +3,12 @@
 //!
 //! - Writes stream from the spooled file: one PUT below `multipart_threshold`, else a multipart upload
 //!   whose parts are read from the file at their offsets and sent `part_concurrency` at a time. Every
-//!   request body carries a CRC32C checksum the server verifies. An object is durable once PutObject or
-//!   CompleteMultipartUpload has answered 200; the spool file is deleted then.
+//!   request carries the CRC32C of its body in a header (`x-amz-checksum-crc32c`), which the server
+//!   verifies before it answers. We compute it (one read of the spooled file, from the page cache) rather
+//!   than let the SDK send it as a signed aws-chunked trailer: S3-compatible servers differ in how they
+//!   check those trailers' signatures (Garage 2.5 refuses the SDK's), while a plain header is universal.
+//!   The payload itself is not signed (as over TLS with AWS; the checksum covers integrity). An object is
+//!   durable once PutObject or CompleteMultipartUpload has answered 200; the spool file is deleted then.
 //! - Reads stream the response body (never a whole object in memory); `get_range` is one ranged GET,
 //!   which is what makes a single frame of a large multi-frame object cheap.
 //! - Transient errors (throttling, 5xx, timeouts, refused connections) are retried by the SDK with
@@ -15,7 +19,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream as S3Body, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
@@ -68,6 +74,11 @@ impl S3Store {
         let shared = loader.load().await;
         let s3 = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(cfg.force_path_style)
+            // Our own CRC32C header instead (see the module doc).
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            // The SDK can check only whole-object checksums, and warns on every read of a multipart
+            // object; integrity on the way in is what the upload checksums guarantee.
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
         let prefix = match cfg.prefix.trim_matches('/') {
             "" => String::new(),
@@ -167,6 +178,7 @@ impl S3Store {
             .map(|i| async move {
                 let offset = i * self.part_size;
                 let length = self.part_size.min(size - offset);
+                let crc = crc32c(key, src, offset, length).await?;
                 let body = S3Body::read_from()
                     .path(src)
                     .offset(offset)
@@ -183,8 +195,10 @@ impl S3Store {
                     .upload_id(upload_id)
                     .part_number(part_number)
                     .content_length(length as i64)
-                    .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                    .checksum_crc32_c(&crc)
                     .body(body)
+                    .customize()
+                    .disable_payload_signing()
                     .send()
                     .await
                     .map_err(|e| sdk_error(key, e))?;
@@ -192,7 +206,7 @@ impl S3Store {
                     CompletedPart::builder()
                         .part_number(part_number)
                         .set_e_tag(out.e_tag().map(str::to_string))
-                        .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
+                        .checksum_crc32_c(crc)
                         .build(),
                 )
             })
@@ -202,6 +216,33 @@ impl S3Store {
         parts.sort_by_key(|p| p.part_number());
         Ok(parts)
     }
+}
+
+/// The CRC32C of `length` bytes of `path` at `offset`, base64 of its big-endian bytes (the S3 header form).
+async fn crc32c(key: &str, path: &Path, offset: u64, length: u64) -> Result<String, StorageError> {
+    use base64::Engine as _;
+    use std::io::{Read, Seek, SeekFrom};
+    let path = path.to_path_buf();
+    let crc = tokio::task::spawn_blocking(move || -> std::io::Result<u32> {
+        let mut file = std::fs::File::open(&path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = length;
+        while left > 0 {
+            let n = file.read(&mut buf[..left.min(1 << 20) as usize])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            digest.update(&buf[..n]);
+            left -= n as u64;
+        }
+        Ok(digest.finalize() as u32)
+    })
+    .await
+    .expect("checksum task panicked")
+    .map_err(|e| StorageError::io(key, e))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes()))
 }
 
 fn other(key: &str, message: &str) -> StorageError {
@@ -223,7 +264,24 @@ where
     if code_not_found || status_not_found {
         return StorageError::NotFound(key.to_string());
     }
-    other(key, &DisplayErrorContext(&e).to_string())
+    other(key, &describe(&e))
+}
+
+/// The server's status, code and message for a service error; the cause chain for the others
+/// (connection refused, timeout...).
+fn describe<E>(e: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match e {
+        SdkError::ServiceError(s) => format!(
+            "S3 answered {}: {} {}",
+            s.raw().status().as_u16(),
+            s.err().code().unwrap_or("error"),
+            s.err().message().unwrap_or("")
+        ),
+        other => DisplayErrorContext(other).to_string(),
+    }
 }
 
 #[async_trait]
@@ -237,6 +295,7 @@ impl ObjectStore for S3Store {
         if size >= self.multipart_threshold {
             self.put_multipart(key, &s3_key, src, size).await?;
         } else {
+            let crc = crc32c(key, src, 0, size).await?;
             let body = S3Body::from_path(src)
                 .await
                 .map_err(|e| other(key, &e.to_string()))?;
@@ -246,8 +305,10 @@ impl ObjectStore for S3Store {
                 .key(&s3_key)
                 .content_type("application/dicom")
                 .content_length(size as i64)
-                .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                .checksum_crc32_c(crc)
                 .body(body)
+                .customize()
+                .disable_payload_signing()
                 .send()
                 .await
                 .map_err(|e| sdk_error(key, e))?;
@@ -393,7 +454,7 @@ impl ObjectStore for S3Store {
             .await
             .map(|_| ())
             // Not `sdk_error`: a missing bucket is a broken store, not a missing object.
-            .map_err(|e| other(&self.bucket, &DisplayErrorContext(&e).to_string()))
+            .map_err(|e| other(&self.bucket, &describe(&e)))
     }
 }
 
