@@ -23,7 +23,7 @@ use crate::dicomweb::{self, WebState};
 use crate::dimse;
 use crate::index::Index;
 use crate::ingest::{spool, Ingestor};
-use crate::storage::{FsStore, ObjectStore};
+use crate::storage::{self, ObjectStore};
 
 pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -35,10 +35,7 @@ pub fn init_logging(level: &str) {
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        FsStore::open(&config.storage.path)
-            .with_context(|| format!("opening storage at {}", config.storage.path.display()))?,
-    );
+    let store = storage::open(&config.storage).await?;
     let index = Index::open(&config.index.url, config.index.max_connections)
         .await
         .with_context(|| format!("opening index {}", config.index.url))?;
@@ -65,11 +62,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
-        ingestor,
+        ingestor: ingestor.clone(),
     });
     let web = Arc::new(WebState {
         index,
         store,
+        ingestor,
+        allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
     });
@@ -127,7 +126,7 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
+                .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS, Method::DELETE])
                 .allow_headers([
                     HeaderName::from_static("authorization"),
                     HeaderName::from_static("accept"),

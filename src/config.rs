@@ -60,16 +60,47 @@ pub struct HttpConfig {
     pub public_url: String,
     /// Origins allowed by CORS; `["*"]` allows any. Empty disables CORS headers.
     pub cors_allowed_origins: Vec<String>,
+    /// Answer DICOMweb DELETE of studies, series and instances (405 when false).
+    pub allow_delete: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// `filesystem` (objects under `path`) or `s3` (objects in the `[storage.s3]` bucket).
     pub backend: String,
     pub path: PathBuf,
     /// Where incoming objects are spooled before they are stored; must be on the same filesystem
     /// as `path` for the filesystem backend so that storing is a rename. Defaults to `<path>/../spool`.
     pub spool_path: Option<PathBuf>,
+    pub s3: S3Config,
+}
+
+/// An S3-compatible bucket (AWS S3, MinIO, Ceph, Garage...), used when `storage.backend = "s3"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint URL (`https://...` for TLS); empty: AWS's endpoint for `region`.
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every object key, e.g. `dicom/`.
+    pub prefix: String,
+    /// `https://endpoint/bucket/key` addressing instead of `https://bucket.endpoint/key`.
+    pub force_path_style: bool,
+    /// Static credentials; both empty: the standard AWS chain (environment, profile, instance role).
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Objects of at least this many bytes are uploaded in parts.
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+    /// Parts of one object uploaded at once.
+    pub part_concurrency: usize,
+    pub connect_timeout_secs: u64,
+    /// Longest single request attempt (one part, one small object, the headers of a GET).
+    pub attempt_timeout_secs: u64,
+    /// Attempts per request, the first included; transient errors are retried with backoff.
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +140,7 @@ impl Default for HttpConfig {
             bind: "0.0.0.0:8080".into(),
             public_url: String::new(),
             cors_allowed_origins: vec!["*".into()],
+            allow_delete: false,
         }
     }
 }
@@ -119,6 +151,27 @@ impl Default for StorageConfig {
             backend: "filesystem".into(),
             path: PathBuf::from("data/objects"),
             spool_path: None,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            bucket: String::new(),
+            prefix: String::new(),
+            force_path_style: false,
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            multipart_threshold: 64 << 20,
+            part_size: 16 << 20,
+            part_concurrency: 4,
+            connect_timeout_secs: 5,
+            attempt_timeout_secs: 120,
+            max_attempts: 4,
         }
     }
 }
@@ -168,11 +221,12 @@ impl Config {
         if self.dimse.max_pdu_length < 4096 {
             bail!("dimse.max_pdu_length must be at least 4096");
         }
-        if self.storage.backend != "filesystem" {
-            bail!(
-                "storage.backend {:?} is not supported (supported: \"filesystem\")",
-                self.storage.backend
-            );
+        match self.storage.backend.as_str() {
+            "filesystem" => {}
+            "s3" => self.storage.s3.validate()?,
+            other => bail!(
+                "storage.backend {other:?} is not supported (supported: \"filesystem\", \"s3\")"
+            ),
         }
         if !self.index.url.starts_with("sqlite:") {
             bail!("index.url must be a sqlite:// URL");
@@ -191,7 +245,30 @@ impl Config {
     }
 }
 
-/// Folds `DICOMGW_SECTION__KEY=value` variables into the TOML table.
+impl S3Config {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.bucket.is_empty() {
+            bail!("storage.s3.bucket must be set when storage.backend = \"s3\"");
+        }
+        if self.access_key_id.is_empty() != self.secret_access_key.is_empty() {
+            bail!("storage.s3.access_key_id and secret_access_key must be set together");
+        }
+        // S3 allows at most 10,000 parts of at least 5 MiB (except the last).
+        if self.part_size < 5 << 20 {
+            bail!("storage.s3.part_size must be at least 5 MiB (5242880)");
+        }
+        if self.multipart_threshold < self.part_size {
+            bail!("storage.s3.multipart_threshold must be at least part_size");
+        }
+        if self.part_concurrency == 0 || self.max_attempts == 0 {
+            bail!("storage.s3.part_concurrency and max_attempts must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Folds `DICOMGW_SECTION__KEY=value` variables into the TOML table
+/// (`DICOMGW_SECTION__SUBSECTION__KEY` for a nested table such as `[storage.s3]`).
 fn apply_env(
     table: &mut toml::Table,
     vars: impl Iterator<Item = (String, String)>,
@@ -200,18 +277,21 @@ fn apply_env(
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        let Some((section, key)) = rest.split_once("__") else {
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        let Some((key, sections)) = path.split_last().filter(|(_, s)| !s.is_empty()) else {
             continue;
         };
-        let section = section.to_ascii_lowercase();
-        let key = key.to_ascii_lowercase();
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(section_table) = entry.as_table_mut() else {
-            bail!("config section {section} is not a table");
-        };
-        section_table.insert(key, parse_env_value(&value));
+        let mut current = &mut *table;
+        for section in sections {
+            let entry = current
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(section_table) = entry.as_table_mut() else {
+                bail!("config section {section} is not a table");
+            };
+            current = section_table;
+        }
+        current.insert(key.clone(), parse_env_value(&value));
     }
     Ok(())
 }
@@ -239,6 +319,8 @@ mod tests {
                 "DICOMGW_HTTP__CORS_ALLOWED_ORIGINS".into(),
                 "[\"x\"]".into(),
             ),
+            ("DICOMGW_STORAGE__S3__BUCKET".into(), "images".into()),
+            ("DICOMGW_STORAGE__S3__PART_CONCURRENCY".into(), "8".into()),
             ("OTHER".into(), "1".into()),
         ];
         apply_env(&mut table, vars.into_iter()).unwrap();
@@ -247,6 +329,22 @@ mod tests {
         assert_eq!(c.dimse.max_associations, 3);
         assert_eq!(c.http.bind, "127.0.0.1:1");
         assert_eq!(c.http.cors_allowed_origins, vec!["x".to_string()]);
+        assert_eq!(c.storage.s3.bucket, "images");
+        assert_eq!(c.storage.s3.part_concurrency, 8);
+    }
+
+    #[test]
+    fn s3_backend_needs_a_bucket_and_sane_parts() {
+        let mut c = Config::default();
+        c.storage.backend = "s3".into();
+        assert!(c.validate().is_err(), "no bucket");
+        c.storage.s3.bucket = "images".into();
+        c.validate().unwrap();
+        c.storage.s3.part_size = 1 << 20;
+        assert!(c.validate().is_err(), "parts below the S3 minimum");
+        c.storage.s3.part_size = 16 << 20;
+        c.storage.s3.access_key_id = "id-without-secret".into();
+        assert!(c.validate().is_err());
     }
 
     #[test]
@@ -257,10 +355,12 @@ mod tests {
         assert_eq!(c.dimse.ae_title, d.dimse.ae_title);
         assert_eq!(c.dimse.bind, d.dimse.bind);
         assert_eq!(c.http.bind, d.http.bind);
+        assert_eq!(c.http.allow_delete, d.http.allow_delete);
         assert_eq!(c.storage.path, d.storage.path);
         assert_eq!(c.index.url, d.index.url);
         assert_eq!(c.dimse.max_object_size, d.dimse.max_object_size);
         assert_eq!(c.dimse.on_duplicate, d.dimse.on_duplicate);
+        assert_eq!(c.storage.s3, d.storage.s3);
         c.validate().unwrap();
     }
 }

@@ -4,11 +4,12 @@
 //!
 //! - [`dimse`]: DIMSE in: associations, C-ECHO, C-STORE;
 //! - [`ingest`]: the single path objects take into the gateway (spool, parse, store, index);
-//! - [`storage`]: where objects live (a local directory; shaped for S3);
+//! - [`storage`]: where objects live (a local directory or an S3-compatible bucket);
 //! - [`index`]: the metadata index (SQLite) and the matching engine;
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
-//! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration.
+//! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
+//! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod dimse;
 pub mod index;
 pub mod ingest;
 pub mod model;
+pub mod reindex;
 pub mod storage;
 
 /// Implementation Class UID written in the file meta of objects we receive (a 2.25 UUID-derived UID).

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use dicom_gateway::{app, config::Config};
+use dicom_gateway::{app, config::Config, reindex};
 
 /// DICOM imaging gateway: DIMSE in, object storage and index, DICOMweb out.
 #[derive(Parser)]
@@ -19,18 +19,25 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Rebuild the index from the objects in storage (disaster recovery, moving to a new index);
+    /// run it while no gateway serves the same index.
+    Reindex {
+        /// TOML configuration file naming the storage and the index (defaults as for `serve`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let (Command::Serve { config } | Command::Reindex { config }) = &cli.command;
+    let config = Config::load(config.as_deref())?;
+    app::init_logging(&config.log.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Serve { config } => {
-            let config = Config::load(config.as_deref())?;
-            app::init_logging(&config.log.level);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(app::serve(config))
-        }
+        Command::Serve { .. } => runtime.block_on(app::serve(config)),
+        Command::Reindex { .. } => runtime.block_on(reindex::run(config)),
     }
 }

@@ -3,10 +3,12 @@
 //! - [`qido`]: QIDO-RS search over the index;
 //! - [`metadata`]: WADO-RS metadata, served from the DICOM JSON kept in the index;
 //! - [`retrieve`]: WADO-RS instances, frames and bulk data, streamed from storage;
+//! - [`delete`]: DELETE of studies, series and instances (off unless configured);
 //! - [`media`], [`multipart`], [`error`]: content negotiation, streamed multipart bodies, errors.
 //!
 //! Architecture invariant: QIDO and metadata never touch object storage.
 
+mod delete;
 mod error;
 mod media;
 mod metadata;
@@ -21,6 +23,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::index::Index;
+use crate::ingest::Ingestor;
 use crate::storage::ObjectStore;
 pub use error::ApiError;
 
@@ -29,6 +32,9 @@ pub const ROOT: &str = "/dicomweb";
 pub struct WebState {
     pub index: Index,
     pub store: Arc<dyn ObjectStore>,
+    /// Deletions go through ingest, the one writer of storage and index.
+    pub ingestor: Arc<Ingestor>,
+    pub allow_delete: bool,
     /// Configured public URL (without trailing slash), or empty to use the Host header.
     pub public_url: String,
     /// The port we listen on, for a Host header that names no port (some clients omit it).
@@ -81,11 +87,17 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/studies", get(qido::studies))
         .route("/series", get(qido::series))
         .route("/instances", get(qido::instances))
-        .route("/studies/{study}", get(retrieve::study))
+        .route(
+            "/studies/{study}",
+            get(retrieve::study).delete(delete::study),
+        )
         .route("/studies/{study}/metadata", get(metadata::study))
         .route("/studies/{study}/series", get(qido::study_series))
         .route("/studies/{study}/instances", get(qido::study_instances))
-        .route("/studies/{study}/series/{series}", get(retrieve::series))
+        .route(
+            "/studies/{study}/series/{series}",
+            get(retrieve::series).delete(delete::series),
+        )
         .route(
             "/studies/{study}/series/{series}/metadata",
             get(metadata::series),
@@ -96,7 +108,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}",
-            get(retrieve::instance),
+            get(retrieve::instance).delete(delete::instance),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/metadata",

@@ -19,7 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use record::InstanceRecord;
-pub use writer::{InsertOutcome, WriteError};
+pub use writer::{InsertOutcome, Scope, WriteError};
 
 /// Where an instance lives and how to cut frames out of it.
 #[derive(Debug, Clone)]
@@ -97,6 +97,19 @@ impl Index {
         replace: bool,
     ) -> Result<InsertOutcome, WriteError> {
         self.writer.insert(record, replace).await
+    }
+
+    /// Deletes the rows of the instances in `scope` in one transaction; returns their storage keys.
+    pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
+        self.writer.delete(scope).await
+    }
+
+    /// The storage key the index holds for an instance.
+    pub async fn storage_key_of(&self, sop_instance_uid: &str) -> sqlx::Result<Option<String>> {
+        sqlx::query_scalar("SELECT storage_key FROM instances WHERE sop_instance_uid = ?")
+            .bind(sop_instance_uid)
+            .fetch_optional(&self.read)
+            .await
     }
 
     pub async fn instance_exists(&self, sop_instance_uid: &str) -> sqlx::Result<bool> {

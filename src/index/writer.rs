@@ -1,11 +1,13 @@
 //! The index's single writer. SQLite allows one writer at a time, and each durable commit costs a
 //! disk flush; so one task owns the write connection and commits whatever requests are waiting in one
 //! transaction (group commit), each request in its own savepoint so one bad record fails alone.
+//! Requests are inserts (ingest) and deletions (DICOMweb DELETE, through ingest).
 
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::record::InstanceRecord;
+use super::INSTANCES_IN_SCOPE;
 
 /// Requests committed together at most; bounds the latency of the first one.
 const MAX_BATCH: usize = 128;
@@ -31,17 +33,38 @@ pub enum WriteError {
     Stopped,
 }
 
-/// One insert waiting for the writer.
+/// The instances a deletion covers: a study, one of its series, or one instance.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub study_uid: String,
+    pub series_uid: Option<String>,
+    pub sop_instance_uid: Option<String>,
+}
+
+enum Op {
+    Insert {
+        record: Box<InstanceRecord>,
+        replace: bool,
+    },
+    Delete(Scope),
+}
+
+enum Done {
+    Inserted(InsertOutcome),
+    /// The storage keys of the instances whose rows were deleted.
+    Deleted(Vec<String>),
+}
+
+/// One request waiting for the writer.
 struct Request {
-    record: Box<InstanceRecord>,
-    replace: bool,
-    reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
+    op: Op,
+    reply: oneshot::Sender<Result<Done, WriteError>>,
 }
 
 /// A request applied inside the open transaction, its answer held until the commit.
 struct Applied {
-    reply: oneshot::Sender<Result<InsertOutcome, WriteError>>,
-    result: Result<InsertOutcome, WriteError>,
+    reply: oneshot::Sender<Result<Done, WriteError>>,
+    result: Result<Done, WriteError>,
 }
 
 #[derive(Clone)]
@@ -73,14 +96,29 @@ impl WriterHandle {
         record: InstanceRecord,
         replace: bool,
     ) -> Result<InsertOutcome, WriteError> {
-        let (reply, rx) = oneshot::channel();
-        let request = Request {
+        let op = Op::Insert {
             record: Box::new(record),
             replace,
-            reply,
         };
+        match self.send(op).await? {
+            Done::Inserted(outcome) => Ok(outcome),
+            Done::Deleted(_) => unreachable!("an insert answered as a deletion"),
+        }
+    }
+
+    /// Deletes the rows of the instances in `scope` (and their series and study once empty);
+    /// returns their storage keys.
+    pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
+        match self.send(Op::Delete(scope)).await? {
+            Done::Deleted(keys) => Ok(keys),
+            Done::Inserted(_) => unreachable!("a deletion answered as an insert"),
+        }
+    }
+
+    async fn send(&self, op: Op) -> Result<Done, WriteError> {
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .send(request)
+            .send(Request { op, reply })
             .await
             .map_err(|_| WriteError::Stopped)?;
         rx.await.map_err(|_| WriteError::Stopped)?
@@ -143,7 +181,12 @@ async fn commit_batch(
                 return Err((applied, e));
             }
         }
-        let result = insert(&mut tx, &r.record, r.replace).await;
+        let result = match &r.op {
+            Op::Insert { record, replace } => {
+                insert(&mut tx, record, *replace).await.map(Done::Inserted)
+            }
+            Op::Delete(scope) => delete(&mut tx, scope).await.map(Done::Deleted),
+        };
         let ok = result.is_ok();
         applied.push(Applied {
             reply: r.reply,
@@ -283,6 +326,21 @@ async fn insert(
         refresh_study_counts(conn, study_pk).await?;
     }
     Ok(outcome)
+}
+
+async fn delete(conn: &mut SqliteConnection, scope: &Scope) -> Result<Vec<String>, WriteError> {
+    let uids: Vec<String> =
+        sqlx::query_scalar(&format!("SELECT i.sop_instance_uid {INSTANCES_IN_SCOPE}"))
+            .bind(&scope.study_uid)
+            .bind(&scope.series_uid)
+            .bind(&scope.sop_instance_uid)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut keys = Vec::with_capacity(uids.len());
+    for uid in uids {
+        keys.extend(remove(conn, &uid).await?);
+    }
+    Ok(keys)
 }
 
 /// Deletes an instance row, and its series and study once empty; returns the object's storage key.

@@ -658,7 +658,10 @@ fn native_layout(value: Extent, g: &ImageGeometry, frames: u32) -> Layout {
     // frame is 2/3 of the nominal size. The geometry does not carry the photometric
     // interpretation, so this is accepted only when the value has exactly that size (plus at
     // most one pad byte).
-    if g.samples_per_pixel == 3 && g.bits_allocated % 8 == 0 && frame_length % 3 == 0 {
+    if g.samples_per_pixel == 3
+        && g.bits_allocated.is_multiple_of(8)
+        && frame_length.is_multiple_of(3)
+    {
         let subsampled = frame_length / 3 * 2;
         let total = subsampled * frames64;
         if value.length == total || value.length == total + 1 {

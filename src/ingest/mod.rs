@@ -6,8 +6,11 @@
 //! 3. The object is put into storage (durable), then the record is committed to the index, and only
 //!    then is success returned.
 //!
+//! Deletion ([`delete`]) goes through here too: rows first, then objects.
+//!
 //! Architecture invariant: only this module writes objects to storage and rows to the index.
 
+mod delete;
 pub mod encoded;
 pub mod extract;
 pub mod layout;
@@ -26,6 +29,7 @@ use crate::storage::{instance_key, ObjectStore, StorageError};
 use extract::{build_record, geometry, object_uids, ObjectUids};
 use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
 
+pub use delete::Removal;
 pub use spool::{SpoolWriter, Spooled};
 
 /// What the sender said the object is (from the C-STORE command), checked against the dataset.
@@ -100,6 +104,7 @@ impl Ingestor {
         expected: Option<&Expected>,
     ) -> Result<Outcome, IngestError> {
         let path = spooled.path().to_path_buf();
+        let spool_path = path.clone();
         let size = spooled.size();
         let key_suffix = unique_suffix();
         let parse = tokio::task::spawn_blocking(move || {
@@ -112,40 +117,27 @@ impl Ingestor {
                 )
             })
         });
-        // The spooled data goes to disk while the header is parsed. It is awaited only once the
-        // object is known to be stored: a refused object or a resent duplicate does not wait for it
-        // (the spool file is dropped, and so deleted, when the write-back finishes).
+        // A store that moves the spool file into place gets its data written to disk while the
+        // header is parsed. That is awaited only once the object is known to be stored: a refused
+        // object or a resent duplicate does not wait for it.
+        let write_back = self.store.moves_source_file();
         let write_back = tokio::task::spawn_blocking(move || {
-            let written = spooled.write_back();
+            let written = if write_back {
+                spooled.write_back()
+            } else {
+                Ok(())
+            };
             (spooled, written)
         });
-        // Under keep_first a resent instance is not stored again. The sender's SOP Instance UID is
-        // looked up while the header is parsed; check_expected then ties it to the data set's.
-        let keep_first = self.on_duplicate == DuplicatePolicy::KeepFirst;
-        let claimed_uid = expected.map(|e| e.sop_instance_uid.trim_end_matches(['\0', ' ']));
-        let early_lookup = async {
-            match claimed_uid {
-                Some(uid) if keep_first => Some(self.index.instance_exists(uid).await),
-                _ => None,
+        let parsed = match self.check(parse, expected).await {
+            Ok(Some(parsed)) => parsed,
+            refused_or_duplicate => {
+                // The spool file goes now, not when the write-back task drops it: a sender that
+                // was refused must not find its object still on disk.
+                let _ = tokio::fs::remove_file(&spool_path).await;
+                return refused_or_duplicate.map(|_| Outcome::DuplicateKept);
             }
         };
-        let (parsed, early) = tokio::join!(parse, early_lookup);
-        let parsed = parsed.expect("parse task panicked")?;
-        if let Some(exp) = expected {
-            check_expected(&parsed.uids, exp)?;
-        }
-        let duplicate = match early {
-            Some(found) => found,
-            None if keep_first => {
-                self.index
-                    .instance_exists(&parsed.uids.sop_instance_uid)
-                    .await
-            }
-            None => Ok(false),
-        };
-        if duplicate.map_err(WriteError::from)? {
-            return Ok(Outcome::DuplicateKept);
-        }
         let (spooled, written) = write_back.await.expect("write-back task panicked");
         written.map_err(|e| StorageError::Io {
             key: "spool".into(),
@@ -170,6 +162,39 @@ impl Ingestor {
                 Err(e.into())
             }
         }
+    }
+
+    /// Waits for the header parse and decides whether the object is to be stored: `None` for a
+    /// resent instance under keep_first. The sender's SOP Instance UID is looked up while the header
+    /// is parsed; `check_expected` then ties it to the data set's.
+    async fn check(
+        &self,
+        parse: tokio::task::JoinHandle<Result<Parsed, IngestError>>,
+        expected: Option<&Expected>,
+    ) -> Result<Option<Parsed>, IngestError> {
+        let keep_first = self.on_duplicate == DuplicatePolicy::KeepFirst;
+        let claimed_uid = expected.map(|e| e.sop_instance_uid.trim_end_matches(['\0', ' ']));
+        let early_lookup = async {
+            match claimed_uid {
+                Some(uid) if keep_first => Some(self.index.instance_exists(uid).await),
+                _ => None,
+            }
+        };
+        let (parsed, early) = tokio::join!(parse, early_lookup);
+        let parsed = parsed.expect("parse task panicked")?;
+        if let Some(exp) = expected {
+            check_expected(&parsed.uids, exp)?;
+        }
+        let duplicate = match early {
+            Some(found) => found,
+            None if keep_first => {
+                self.index
+                    .instance_exists(&parsed.uids.sop_instance_uid)
+                    .await
+            }
+            None => Ok(false),
+        };
+        Ok((!duplicate.map_err(WriteError::from)?).then_some(parsed))
     }
 
     /// Indexes an object already in storage under `key` (recovery after a crash between storing

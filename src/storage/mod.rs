@@ -4,19 +4,40 @@
 //! objects are put from a spooled local file (streamed, never loaded whole), read back as byte streams or
 //! byte ranges (frames), deleted, and listed (to rebuild or reconcile the index).
 //!
+//! Backends: [`FsStore`] (a local directory) and [`S3Store`] (an S3-compatible bucket), chosen by
+//! `[storage] backend` in [`open`].
+//!
 //! Architecture invariant: `put_file` returns only once the object is durable; nothing else in the
 //! gateway decides durability.
 
 mod fs;
+mod s3;
 
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::Context as _;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
 pub use fs::FsStore;
+pub use s3::S3Store;
+
+/// Opens the configured backend. Makes no request to a remote store: a store that is down makes the
+/// gateway not ready (`/readyz`), not fail to start.
+pub async fn open(config: &crate::config::StorageConfig) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    let store: Arc<dyn ObjectStore> = match config.backend.as_str() {
+        "s3" => Arc::new(S3Store::connect(&config.s3).await),
+        _ => Arc::new(
+            FsStore::open(&config.path)
+                .with_context(|| format!("opening storage at {}", config.path.display()))?,
+        ),
+    };
+    Ok(store)
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 pub type KeyStream = Pin<Box<dyn Stream<Item = Result<String, StorageError>> + Send>>;
@@ -53,6 +74,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Stores the content of the local file `src` under `key`, replacing any object there, and
     /// returns once it is durable. `src` is consumed (moved or deleted).
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError>;
+    /// Whether `put_file` moves the source file into place (ingest then writes its data back to disk
+    /// while it parses, see `Spooled::write_back`); a backend that uploads it does not need that.
+    fn moves_source_file(&self) -> bool {
+        true
+    }
     /// Streams the whole object.
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError>;
     /// Reads `length` bytes at `offset`.
@@ -78,6 +104,12 @@ pub fn instance_key(
     format!("{study_uid}/{series_uid}/{sop_instance_uid}.{copy}.dcm")
 }
 
+/// The SOP Instance UID in a key made by [`instance_key`]; None for a key of another shape.
+pub fn sop_instance_uid_of_key(key: &str) -> Option<&str> {
+    let file = key.rsplit('/').next()?.strip_suffix(".dcm")?;
+    Some(file.rsplit_once('.')?.0)
+}
+
 /// Reads a whole object into memory; only for single instances that must be re-encoded.
 pub async fn read_all(store: &dyn ObjectStore, key: &str) -> Result<Vec<u8>, StorageError> {
     use futures::TryStreamExt;
@@ -91,4 +123,17 @@ pub async fn read_all(store: &dyn ObjectStore, key: &str) -> Result<Vec<u8>, Sto
         buf.extend_from_slice(&chunk);
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_its_instance() {
+        let key = instance_key("1.2", "1.2.3", "1.2.3.4", "0a1b2c");
+        assert_eq!(key, "1.2/1.2.3/1.2.3.4.0a1b2c.dcm");
+        assert_eq!(sop_instance_uid_of_key(&key), Some("1.2.3.4"));
+        assert_eq!(sop_instance_uid_of_key("1.2/x.txt"), None);
+    }
 }

@@ -4,6 +4,10 @@
   fixture `gateway_env` returning extra `DICOMGW_*` variables.
 - `fresh_gateway`: a new gateway for one test.
 - `gateway_factory`: `gateway_factory(env={...})` starts as many gateways as a test needs.
+- `storage_env`: the storage backend of all three (module scope; filesystem by default). A module runs on both
+  backends by overriding it with a fixture parametrized over `BACKENDS` that returns `backend_env(request)`.
+- `garage`: a real S3 server (gw_s3.Garage) shared by the session, started on first use; each gateway on it
+  gets a key prefix of its own.
 
 When a test fails, the tail of the log of every gateway it used is attached to its report.
 """
@@ -11,6 +15,7 @@ When a test fails, the tail of the log of every gateway it used is attached to i
 from __future__ import annotations
 
 import shutil
+import uuid
 
 import pytest
 
@@ -28,6 +33,31 @@ def gateway_env() -> dict[str, str]:
     return {}
 
 
+@pytest.fixture(scope="session")
+def garage(tmp_path_factory):
+    from gw_s3 import Garage
+
+    server = Garage(tmp_path_factory.mktemp("garage")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def storage_env() -> dict[str, str]:
+    return {}
+
+
+BACKENDS = ["filesystem", "s3"]
+
+
+def backend_env(request) -> dict[str, str]:
+    """Gateway variables for the backend `request.param`: the filesystem (the default), or the session's
+    Garage under a key prefix no other gateway uses."""
+    if request.param == "s3":
+        return request.getfixturevalue("garage").gateway_env(prefix=f"gw-{uuid.uuid4().hex[:12]}")
+    return {}
+
+
 def _start(tmp_path_factory, name: str, env: dict[str, str], registry: list) -> Gateway:
     gw = Gateway(tmp_path_factory.mktemp(name), env=env)
     registry.append(gw)  # registered before start, so a failed start still shows its log
@@ -42,28 +72,30 @@ def _finish(gw: Gateway, keep_dir: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway(request, tmp_path_factory, gateway_env):
+def gateway(request, tmp_path_factory, gateway_env, storage_env):
     registry = request.node.stash.setdefault(_GATEWAYS, [])
-    gw = _start(tmp_path_factory, "gw-" + request.module.__name__.rsplit(".", 1)[-1], gateway_env, registry)
+    name = "gw-" + request.module.__name__.rsplit(".", 1)[-1]
+    gw = _start(tmp_path_factory, name, {**storage_env, **gateway_env}, registry)
     yield gw
     _finish(gw, keep_dir=request.session.testsfailed > 0)
 
 
 @pytest.fixture
-def fresh_gateway(request, tmp_path_factory):
+def fresh_gateway(request, tmp_path_factory, storage_env):
     registry = request.node.stash.setdefault(_GATEWAYS, [])
-    gw = _start(tmp_path_factory, "gw-" + request.node.name[:40], {}, registry)
+    gw = _start(tmp_path_factory, "gw-" + request.node.name[:40], dict(storage_env), registry)
     yield gw
     _finish(gw, keep_dir=request.session.testsfailed > 0)
 
 
 @pytest.fixture
-def gateway_factory(request, tmp_path_factory):
+def gateway_factory(request, tmp_path_factory, storage_env):
     registry = request.node.stash.setdefault(_GATEWAYS, [])
     started: list[Gateway] = []
 
     def make(env: dict[str, str | None] | None = None, start: bool = True, **kw) -> Gateway:
-        gw = Gateway(tmp_path_factory.mktemp("gw-" + request.node.name[:40]), env=env or {}, **kw)
+        env = {**storage_env, **(env or {})}
+        gw = Gateway(tmp_path_factory.mktemp("gw-" + request.node.name[:40]), env=env, **kw)
         registry.append(gw)
         started.append(gw)
         if start:

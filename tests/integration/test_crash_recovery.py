@@ -6,9 +6,20 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from conftest import BACKENDS, backend_env
 from gw_dimse import association, contexts_for, send_partial_c_store, store
+from gw_s3 import stored_keys
 from gw_samples import small_ct, synthetic_instance
 from gw_web import client
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def storage_env(request):
+    """The whole module runs on each storage backend: filesystem, then S3 (Garage)."""
+    return backend_env(request)
+
 
 ACKS_BEFORE_KILL = 30
 PER_SENDER = 60
@@ -114,6 +125,7 @@ def test_restart_after_kill_9_leaves_no_partial_object_behind(fresh_gateway):
     gw = fresh_gateway
     big = synthetic_instance(8_000_000)
     baseline = gw.data_files()  # the gateway's own files (e.g. a readiness probe file), before any object
+    baseline_keys = stored_keys(gw)
     with association(gw, contexts_for([big])) as assoc:
         send_partial_c_store(assoc, big, fraction=0.6)
         gw.kill9()
@@ -122,4 +134,5 @@ def test_restart_after_kill_9_leaves_no_partial_object_behind(fresh_gateway):
     while gw.data_files() - baseline and time.monotonic() < deadline:
         time.sleep(0.2)
     leftovers = sorted(str(p.relative_to(gw.data_dir)) for p in gw.data_files() - baseline)
+    leftovers += sorted(stored_keys(gw) - baseline_keys)
     assert leftovers == [], f"files of an unacknowledged object left after restart: {leftovers}"

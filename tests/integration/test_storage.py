@@ -7,9 +7,17 @@ from collections import Counter
 
 import pytest
 
+from conftest import BACKENDS, backend_env
 from gw_dimse import association, contexts_for, fmt, storescu_tree, store
 from gw_samples import DCMTK_CANNOT_SEND, TESTDATA, lacks_hierarchy, readable_samples
 from gw_web import client, instance_json, text
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def storage_env(request):
+    """The whole module runs on each storage backend: filesystem, then S3 (Garage)."""
+    return backend_env(request)
+
 
 READABLE = list(readable_samples())
 # Every sample not in plain Explicit VR Little Endian (implicit, big endian, deflate, RLE, JPEG, JPEG-LS,

@@ -13,8 +13,16 @@ from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from conftest import BACKENDS, backend_env
 from gw_samples import LOSSLESS_TS, Sample, unique_corpus
 from gw_web import client, get, multipart_parts
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def storage_env(request):
+    """The whole module runs on each storage backend: filesystem, then S3 (Garage)."""
+    return backend_env(request)
+
 
 CORPUS = list(unique_corpus())
 IMAGES = [s for s in CORPUS if s.has_pixels]
