@@ -3,7 +3,7 @@
 //! Matching keys go through the index's matching engine (the one QIDO-RS uses); answers are built
 //! from the attributes stored in the index, never from object storage. Each matching row is sent as
 //! a pending response as soon as the index yields it, and a C-CANCEL is looked for after each one.
-//! Text is answered in UTF-8 (ISO_IR 192) when it needs more than ASCII, which (0008,0005) says.
+//! Text is answered in UTF-8 (ISO_IR 192) when it needs more than ASCII, which (0008,0005) then says.
 
 use dicom_core::header::Header;
 use dicom_core::value::PrimitiveValue;
@@ -35,6 +35,8 @@ struct Plan {
     keys: Vec<InMemElement>,
     /// Some keys could not be matched on: pending responses say FF01.
     optional_keys_unsupported: bool,
+    /// The identifier had (0008,0005): it is returned even when empty.
+    charset_requested: bool,
 }
 
 fn plan(model: Model, identifier: &InMemDicomObject) -> Result<Plan, Failure> {
@@ -55,6 +57,7 @@ fn plan(model: Model, identifier: &InMemDicomObject) -> Result<Plan, Failure> {
         query,
         keys,
         optional_keys_unsupported: !report.unsupported.is_empty(),
+        charset_requested: identifier.get(tags::SPECIFIC_CHARACTER_SET).is_some(),
     })
 }
 
@@ -87,7 +90,7 @@ impl Plan {
     }
 
     /// The response identifier for one row: the requested keys only, plus Query/Retrieve Level and
-    /// Specific Character Set.
+    /// Specific Character Set (when the text needs one, or it was asked for).
     fn identifier(&self, row: &SqliteRow, ae_title: &str) -> InMemDicomObject {
         let parse = |i: usize| -> Map<String, Value> {
             serde_json::from_str(row.get::<&str, _>(i)).unwrap_or_default()
@@ -142,16 +145,20 @@ impl Plan {
             };
             out.put(element);
         }
-        let charset = if dataset::has_non_ascii_text(&out) {
-            "ISO_IR 192"
-        } else {
-            ""
-        };
-        out.put(DataElement::new(
-            tags::SPECIFIC_CHARACTER_SET,
-            VR::CS,
-            charset,
-        ));
+        // Absent Specific Character Set means the default repertoire, unless it was asked for.
+        if dataset::has_non_ascii_text(&out) {
+            out.put(DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                "ISO_IR 192",
+            ));
+        } else if self.charset_requested {
+            out.put(DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                PrimitiveValue::Empty,
+            ));
+        }
         out
     }
 }

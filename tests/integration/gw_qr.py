@@ -180,7 +180,7 @@ def send_request(assoc, kind: str, identifier: Dataset, sop_class: str, msg_id: 
                 assoc.dimse.send_msg(answer, rcx)
                 continue
             ident = None
-            if getattr(rsp, "Identifier", None) is not None:
+            if getattr(rsp, "Identifier", None) is not None and rsp.Identifier.getvalue():
                 rts = next(c for c in assoc.accepted_contexts if c.context_id == rcx).transfer_syntax[0]
                 ident = decode(rsp.Identifier, rts.is_implicit_VR, rts.is_little_endian, rts.is_deflated)
             status = int(rsp.Status)
