@@ -228,14 +228,18 @@ pub async fn run(
         let row = match rows.try_next().await {
             Ok(Some(row)) => row,
             Ok(None) => break Ok(false),
-            Err(e) => break Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "C-FIND index read failed");
+                break Err(Failure::new(status::OUT_OF_RESOURCES, "index read failed"));
+            }
         };
         let identifier = plan.identifier(&row, &ctx.config.ae_title);
+        // A match that cannot be encoded ends the search with a failure rather than vanish.
         let data = match dataset::encode(&identifier, &req.transfer_syntax) {
             Ok(data) => data,
             Err(e) => {
                 tracing::error!(error = %e, "C-FIND identifier not encodable");
-                continue;
+                break Err(Failure::new(status::UNABLE_TO_PROCESS, e));
             }
         };
         let command = qr::response(&req, field::C_FIND_RSP, pending, true).encode();
@@ -252,10 +256,7 @@ pub async fn run(
             tracing::info!(calling_ae = %req.calling_ae, matches, "C-FIND cancelled");
             final_response(status::CANCEL, None)
         }
-        Err(e) => {
-            tracing::error!(error = %e, "C-FIND index read failed");
-            final_response(status::OUT_OF_RESOURCES, Some("index read failed"))
-        }
+        Err(f) => final_response(f.status, Some(&f.comment)),
     };
     message::send(assoc, req.pc, rsp, None).await
 }

@@ -95,9 +95,17 @@ pub async fn run(
     let mut sub_inbox = Inbox::default();
     let mut sub_alive = true;
     for (n, inst) in instances.iter().enumerate() {
-        if message::cancel_requested(assoc, &mut requester_inbox, req.message_id()).await? {
-            progress.cancelled = true;
-            break;
+        // The requester gone or broken: the destination association is aborted with it.
+        match message::cancel_requested(assoc, &mut requester_inbox, req.message_id()).await {
+            Ok(false) => {}
+            Ok(true) => {
+                progress.cancelled = true;
+                break;
+            }
+            Err(e) => {
+                let _ = sub.abort().await;
+                return Err(e);
+            }
         }
         let message_id = (n % 0xFFFF) as u16 + 1;
         let outcome = retrieve::store(
@@ -126,7 +134,10 @@ pub async fn run(
             }
         }
         if progress.remaining > 0 {
-            progress.send_pending(assoc, &req, rsp).await?;
+            if let Err(e) = progress.send_pending(assoc, &req, rsp).await {
+                let _ = sub.abort().await;
+                return Err(e);
+            }
         }
     }
     if sub_alive {
