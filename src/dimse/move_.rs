@@ -76,6 +76,8 @@ pub async fn run(
             return unreachable_destination(assoc, &req, progress, &instances, "timed out").await
         }
     };
+    // Without TCP_NODELAY each C-STORE's last PDU waits for the destination's delayed ACK.
+    let _ = sub.inner_stream().set_nodelay(true);
     let contexts: Vec<OutContext> = sub
         .presentation_contexts()
         .iter()
