@@ -3,6 +3,8 @@
 //! (streamed in PDVs no larger than the peer accepts), and reassembling the commands that arrive
 //! while such an operation runs (C-CANCEL, C-STORE-RSP of a sub-operation).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use dicom_ul::association::{Association, AsyncAssociation};
 use dicom_ul::pdu::{PDataValue, PDataValueType};
@@ -88,14 +90,16 @@ where
 }
 
 /// Sends a command set, then a data set read from `stream` chunk by chunk (only one PDV's worth is
-/// held at a time). The stream's first `skip` bytes are left out (the Part-10 header of a stored
-/// object). A storage read error ends the association: the peer already has part of the data set.
+/// held at a time, plus the encoded PDUs of one write). The stream's first `skip` bytes are left out
+/// (the Part-10 header of a stored object). A storage read error ends the association: the peer
+/// already has part of the data set.
 pub async fn send_streamed<A>(
     assoc: &mut A,
     pc: u8,
     command: Vec<u8>,
     mut stream: ByteStream,
     mut skip: usize,
+    write_timeout: Duration,
 ) -> Result<(), ProtocolError>
 where
     A: AsyncAssociation<TcpStream> + Send,
@@ -103,6 +107,7 @@ where
     send(assoc, pc, command, None).await?;
     let limit = pdv_limit(assoc);
     let mut pending: Vec<u8> = Vec::with_capacity(limit);
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH + limit + 12);
     while let Some(chunk) = stream
         .try_next()
         .await
@@ -118,14 +123,61 @@ where
         while !rest.is_empty() {
             if pending.len() == limit {
                 let full = std::mem::replace(&mut pending, Vec::with_capacity(limit));
-                send_pdv(assoc, pc, PDataValueType::Data, full, false).await?;
+                encode_data_pdu(&mut batch, pc, full, false)?;
+                if batch.len() >= BATCH {
+                    flush(assoc, &mut batch, write_timeout).await?;
+                }
             }
             let n = (limit - pending.len()).min(rest.len());
             pending.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
         }
     }
-    send_pdv(assoc, pc, PDataValueType::Data, pending, true).await
+    encode_data_pdu(&mut batch, pc, pending, true)?;
+    flush(assoc, &mut batch, write_timeout).await
+}
+
+/// Encoded P-DATA PDUs are written in batches of about this size: one write per batch instead of
+/// one per PDV (receivers often take PDUs of 16 KB).
+const BATCH: usize = 256 * 1024;
+
+fn encode_data_pdu(
+    batch: &mut Vec<u8>,
+    pc: u8,
+    data: Vec<u8>,
+    is_last: bool,
+) -> Result<(), ProtocolError> {
+    let pdu = Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: pc,
+            value_type: PDataValueType::Data,
+            is_last,
+            data,
+        }],
+    };
+    dicom_ul::write_pdu(batch, &pdu).map_err(|e| ProtocolError::Violation(e.to_string()))
+}
+
+/// Writes the batched PDUs straight to the association's socket (at a PDU boundary, as dicom-ul
+/// allows), within the write timeout.
+async fn flush<A>(
+    assoc: &mut A,
+    batch: &mut Vec<u8>,
+    write_timeout: Duration,
+) -> Result<(), ProtocolError>
+where
+    A: AsyncAssociation<TcpStream> + Send,
+{
+    use tokio::io::AsyncWriteExt;
+    let socket = AsyncAssociation::inner_stream(assoc);
+    match tokio::time::timeout(write_timeout, socket.write_all(batch)).await {
+        Err(_) => Err(ProtocolError::Network("write timed out".into())),
+        Ok(Err(e)) => Err(ProtocolError::Network(e.to_string())),
+        Ok(Ok(())) => {
+            batch.clear();
+            Ok(())
+        }
+    }
 }
 
 /// Reassembles command sets from P-DATA PDUs received while an operation runs.
@@ -177,7 +229,7 @@ impl Inbox {
 }
 
 /// Receives one PDU, failing on the read timeout.
-pub async fn receive<A>(assoc: &mut A, timeout: std::time::Duration) -> Result<Pdu, ProtocolError>
+pub async fn receive<A>(assoc: &mut A, timeout: Duration) -> Result<Pdu, ProtocolError>
 where
     A: AsyncAssociation<TcpStream> + Send,
 {

@@ -350,9 +350,17 @@ where
             let (dataset_start, _) = read_meta_extent(&mut Cursor::new(&head[..]))
                 .map_err(|e| SubOpError::Failed(e.to_string()))?;
             let (_, stream) = store.get(&inst.storage_key).await.map_err(storage)?;
-            message::send_streamed(assoc, pc, command, stream, dataset_start as usize)
-                .await
-                .map_err(SubOpError::Protocol)?;
+            let write_timeout = Duration::from_secs(ctx.config.write_timeout_secs);
+            message::send_streamed(
+                assoc,
+                pc,
+                command,
+                stream,
+                dataset_start as usize,
+                write_timeout,
+            )
+            .await
+            .map_err(SubOpError::Protocol)?;
         }
         Encoding::Reencoded(pc, ts) => {
             let bytes = read_all(store, &inst.storage_key).await.map_err(storage)?;
