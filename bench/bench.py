@@ -9,7 +9,9 @@ Phases per server:
   A. fresh server: C-STORE 2,000 small MR instances, one association (storescu +sd +r)
   B. fresh server: C-STORE the 500-instance 512x512 CT study, one association, then
      20,000 small instances (200 studies) with 4 parallel storescu processes,
-     then QIDO latencies, then WADO-RS on the CT study (gateway and Orthanc only).
+     then QIDO latencies, then WADO-RS on the CT study (gateway and Orthanc only),
+     then DIMSE query/retrieve (phase "qr"): C-FIND study level over everything stored,
+     C-MOVE and C-GET of the CT study (gateway and Orthanc only).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ PROFILES = {
         parts=4,
         qido_warmup=5, qido_n=50,
         meta_n=10, frame_n=20, retrieve_n=3,
+        qr_warmup=2, qr_find_n=10, qr_n=3,
     ),
     "quick": dict(
         mr_studies=4, mr_per_study=50,
@@ -56,6 +59,7 @@ PROFILES = {
         parts=4,
         qido_warmup=2, qido_n=10,
         meta_n=3, frame_n=5, retrieve_n=1,
+        qr_warmup=1, qr_find_n=3, qr_n=1,
     ),
 }
 
@@ -74,6 +78,12 @@ FAMILY = ["ANDERSON", "BAKER", "CARTER", "DIAZ", "EVANS", "FISCHER", "GARCIA", "
 GIVEN = ["ALICE", "BRUNO", "CHLOE", "DAVID", "ELENA", "FELIX", "GRACE", "HUGO", "IRIS", "JONAS"]
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+# Phase qr: the calling AE titles of findscu / movescu / getscu, and the C-MOVE destination (a DCMTK
+# storescp --ignore on QR_DEST_PORT, which receives the data but writes nothing).
+QR_DEST_AE = "BENCHDEST"
+QR_PEERS = ["FINDSCU", "MOVESCU", "GETSCU", QR_DEST_AE]
+QR_DEST_PORT = 0  # set in main() to a free port
 
 ACCEPT_DICOM_JSON = "application/dicom+json"
 ACCEPT_STUDY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -616,6 +626,8 @@ class OrthancServer(Server):
             "DicomCheckCalledAet": True,
             "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            # Query/retrieve peers (phase qr): the SCUs and the C-MOVE destination.
+            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", QR_DEST_PORT] for ae in QR_PEERS},
         }
         self.cfg_path = self.workdir / "orthanc.json"
         self.cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -669,6 +681,9 @@ class GatewayServer(Server):
             "DICOMGW_STORAGE__PATH": str(self.workdir / "objects"),
             "DICOMGW_INDEX__URL": f"sqlite://{self.workdir}/index.db",
             "DICOMGW_DIMSE__AE_TITLE": self.ae,
+            # Query/retrieve peers (phase qr): the SCUs and the C-MOVE destination.
+            "DICOMGW_DIMSE__PEERS": "[" + ", ".join(
+                f'{{ae_title = "{ae}", host = "127.0.0.1", port = {QR_DEST_PORT}}}' for ae in QR_PEERS) + "]",
         })
         return e
 
@@ -898,6 +913,78 @@ def _boundary(ctype: str | None) -> bytes | None:
     return None
 
 
+def _qr_run(args: list[str], timeout: float = 600) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise BenchError(f"{args[0]} exit {p.returncode}: {(p.stdout + p.stderr)[-500:]}")
+    return dt, p.stdout + p.stderr
+
+
+def measure_qr(srv: Server, m: dict, prof: dict) -> dict:
+    """C-FIND study level over everything stored (findscu, time to the last response, p50 of n),
+    then C-MOVE (to a storescp --ignore) and C-GET (getscu --ignore) of the CT study, instances/s of
+    the whole retrieve (median of qr_n). Every run's result count is checked."""
+    out: dict = {}
+    ct = m["ct500"]
+    studies = len(m["small20k"]["studies"]) + 1
+    base = ["-aec", srv.ae, "-to", "30", "-ta", "30", "-td", "600"]
+    target = ["127.0.0.1", str(srv.dimse_port)]
+    find = (["findscu", "-S", "-aet", "FINDSCU"] + base
+            + ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientName", "-k", "PatientID",
+               "-k", "StudyDate", "-k", "ModalitiesInStudy", "-k", "NumberOfStudyRelatedInstances"] + target)
+    times = []
+    for i in range(prof["qr_warmup"] + prof["qr_find_n"]):
+        dt, _ = _qr_run(find)
+        if i >= prof["qr_warmup"]:
+            times.append(dt)
+    # one verbose run to count the responses
+    _, text = _qr_run(find[:1] + ["-v"] + find[1:])
+    out["find_results"] = text.count("Find Response:")  # pending ones; the final one prints no colon
+    if out["find_results"] != studies:
+        out["find_warning"] = f"C-FIND returned {out['find_results']} studies, {studies} expected"
+    out["find_p50_ms"] = pct(times, 50) * 1000
+    out["find_n"] = len(times)
+
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ct['study_uid']}"]
+    dest = subprocess.Popen(["storescp", "-aet", QR_DEST_AE, "--ignore", "+xa", str(QR_DEST_PORT)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not echo_ok(QR_DEST_AE, QR_DEST_PORT) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        runs = []
+        for _ in range(prof["qr_n"]):
+            dt, text = _qr_run(["movescu", "-v", "-S", "-aet", "MOVESCU", "-aem", QR_DEST_AE] + base + keys + target)
+            # movescu prints no counts; a final Success means every sub-operation completed.
+            if "Received Final Move Response (Success)" not in text:
+                out["move_warning"] = "C-MOVE did not end with Success: " + text[-300:].replace("\n", " ")
+            runs.append(dt)
+        out["move_s"] = sorted(runs)[len(runs) // 2]
+        out["move_inst_per_s"] = ct["count"] / out["move_s"]
+    finally:
+        dest.terminate()
+        dest.wait(timeout=10)
+    runs = []
+    for _ in range(prof["qr_n"]):
+        dt, text = _qr_run(["getscu", "-v", "-S", "-aet", "GETSCU", "--ignore"] + base + keys + target)
+        done = _completed_subops(text)
+        if done != ct["count"]:
+            out["get_warning"] = f"C-GET completed {done} of {ct['count']}"
+        runs.append(dt)
+    out["get_s"] = sorted(runs)[len(runs) // 2]
+    out["get_inst_per_s"] = ct["count"] / out["get_s"]
+    return out
+
+
+def _completed_subops(text: str) -> int | None:
+    """The Completed Sub-operations of the last C-GET response getscu printed."""
+    import re
+    found = re.findall(r"Completed Suboperations\s*:\s*(\d+)", text)
+    return int(found[-1]) if found else None
+
+
 def measure_wado(srv: Server, m: dict, prof: dict) -> dict:
     ct = m["ct500"]
     st, se = ct["study_uid"], ct["series_uid"]
@@ -1101,8 +1188,8 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
             os.sync()
 
     # Phase B: CT + 20k (4-way) on a fresh server, then QIDO / WADO
-    need_small = "ingest" in phases or "qido" in phases
-    need_ct = "ingest" in phases or "qido" in phases or "wado" in phases
+    need_small = "ingest" in phases or "qido" in phases or "qr" in phases
+    need_ct = need_small or "wado" in phases
     if not need_ct:
         return res
     wait_disk_quiet()
@@ -1133,6 +1220,10 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
                 r = run_phase("wado", lambda: measure_wado(srv, m, prof))
                 if r:
                     res["wado"] = r
+            if "qr" in phases and srv.alive():
+                r = run_phase("qr", lambda: measure_qr(srv, m, prof))
+                if r:
+                    res["qr"] = r
         if not srv.alive():
             res["errors"].append(f"{kind} died (exit code {srv.proc.returncode if srv.proc else '?'}); "
                                  f"log tail:\n{tail(srv.log_path)}")
@@ -1217,6 +1308,26 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
         rows.append([q["label"] + " p50/p99", gw_cell(cell(g50, g99), str), cell(o50, o99) or "—",
                      (f"{fmt(r50, 1)}x / {fmt(r99, 1)}x" if r50 else "—"), "—", "≥5x faster (p50)",
                      met(r50, 5.0)])
+
+    # DIMSE query/retrieve rows
+    g, o = get(gw, "qr", "find_p50_ms"), get(orth, "qr", "find_p50_ms")
+    if g is not None or o is not None:
+        r = ratio(g, o, False)
+        c = lambda w: f"{fmt(get(w, 'qr', 'find_p50_ms'), 1)} ms" if get(w, "qr", "find_p50_ms") else None
+        n_st = len(m["small20k"]["studies"]) + 1
+        rows.append([f"C-FIND study level, all {n_st} studies ({m['small20k']['count'] + m['ct500']['count']:,} "
+                     "instances), findscu, p50", gw_cell(c(gw), str), c(orth) or "—", fmt(r, 1) + "x" if r else "—",
+                     "—", "≥2x faster", met(r, 2.0)])
+    for key, label in (("move", f"C-MOVE {m['ct500']['count']}-instance CT study to storescp"),
+                       ("get", f"C-GET {m['ct500']['count']}-instance CT study, getscu")):
+        g, o = get(gw, "qr", f"{key}_inst_per_s"), get(orth, "qr", f"{key}_inst_per_s")
+        if g is None and o is None:
+            continue
+        r = ratio(g, o, True)
+        c = lambda w, k=key: (f"{get(w, 'qr', k + '_inst_per_s'):,.0f} inst/s ({get(w, 'qr', k + '_s'):.2f} s)"
+                              if get(w, "qr", k + "_inst_per_s") else None)
+        rows.append([label, gw_cell(c(gw), str), c(orth) or "—", fmt(r, 2) + "x" if r else "—", "—",
+                     "≥2x Orthanc", met(r, 2.0)])
 
     # WADO rows
     g, o = get(gw, "wado", "metadata_p50_ms"), get(orth, "wado", "metadata_p50_ms")
@@ -1345,6 +1456,11 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
             if "metadata_bytes" in w:
                 notes.append(f"{name} metadata: {w['metadata_bytes'] / 1e6:.2f} MB JSON, cold (first) "
                              f"request {w['metadata_cold_ms']:.0f} ms")
+        q = get(r, "qr")
+        if q:
+            for k in ("find_warning", "move_warning", "get_warning"):
+                if k in q:
+                    notes.append(f"{name} {q[k]}")
         for e in r.get("errors", []):
             notes.append(f"{name} error: {e}")
     if results.get("gateway_unavailable"):
@@ -1363,8 +1479,8 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts for a smoke run (~2 min)")
-    ap.add_argument("--only", default="ingest,qido,wado",
-                    help="comma list of phases: ingest,qido,wado (default: all)")
+    ap.add_argument("--only", default="ingest,qido,wado,qr",
+                    help="comma list of phases: ingest,qido,wado,qr (default: all)")
     ap.add_argument("--servers", default="storescp,orthanc,gateway",
                     help="comma list: storescp,orthanc,gateway (default: all)")
     ap.add_argument("--gateway-bin", default=str(REPO_DIR / "target/release/dicom-gateway"))
@@ -1389,7 +1505,7 @@ def main() -> int:
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     for p in args.only:
-        if p not in ("ingest", "qido", "wado"):
+        if p not in ("ingest", "qido", "wado", "qr"):
             ap.error(f"unknown phase {p}")
     for s in args.servers:
         if s not in ("storescp", "orthanc", "gateway"):
@@ -1402,11 +1518,13 @@ def main() -> int:
         out_md = Path(args.out)
     elif args.quick:
         out_md = BENCH_DIR / "results-quick.md"
-    elif len(args.only) < 3 or len(args.servers) < 3:
+    elif len(args.only) < 4 or len(args.servers) < 3:
         out_md = BENCH_DIR / "results-partial.md"  # never clobber a full run's results.md
     else:
         out_md = BENCH_DIR / "results.md"
 
+    global QR_DEST_PORT
+    QR_DEST_PORT = free_port()
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None:
             log(f"missing {tool}: run through bench/run (it installs orthanc, orthanc-dicomweb, dcmtk)")

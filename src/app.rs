@@ -63,6 +63,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
+        index: index.clone(),
+        store: store.clone(),
     });
     let web = Arc::new(WebState {
         index,

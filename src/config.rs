@@ -49,6 +49,31 @@ pub struct DimseConfig {
     /// Largest object (dataset bytes) accepted by C-STORE; larger ones get A700.
     pub max_object_size: u64,
     pub on_duplicate: DuplicatePolicy,
+    /// Known application entities: C-MOVE destinations, and who may query and retrieve.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// A known application entity (`[[dimse.peers]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub ae_title: String,
+    /// Where C-MOVE sub-operations for this AE are sent.
+    pub host: String,
+    pub port: u16,
+    /// When set, this AE's C-FIND / C-MOVE / C-GET requests are served only from this IP address.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
+    /// May send C-FIND.
+    #[serde(default = "yes")]
+    pub query: bool,
+    /// May send C-MOVE and C-GET.
+    #[serde(default = "yes")]
+    pub retrieve: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +155,7 @@ impl Default for DimseConfig {
             write_timeout_secs: 60,
             max_object_size: 4 << 30,
             on_duplicate: DuplicatePolicy::KeepFirst,
+            peers: Vec::new(),
         }
     }
 }
@@ -217,6 +243,15 @@ impl Config {
         let ae = self.dimse.ae_title.trim();
         if ae.is_empty() || ae.len() > 16 || !ae.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
             bail!("dimse.ae_title must be 1-16 printable ASCII characters");
+        }
+        for peer in &self.dimse.peers {
+            let ae = peer.ae_title.trim();
+            if ae.is_empty() || ae.len() > 16 || ae.contains('\\') {
+                bail!(
+                    "dimse.peers: AE title {:?} must be 1-16 characters",
+                    peer.ae_title
+                );
+            }
         }
         if self.dimse.max_pdu_length < 4096 {
             bail!("dimse.max_pdu_length must be at least 4096");
@@ -348,6 +383,24 @@ mod tests {
     }
 
     #[test]
+    fn peers_come_from_a_file_or_an_inline_array_in_the_environment() {
+        let text = "[[dimse.peers]]\nae_title = \"WS1\"\nhost = \"10.0.0.5\"\nport = 104\naddress = \"10.0.0.5\"\nretrieve = false\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.dimse.peers.len(), 1);
+        assert!(c.dimse.peers[0].query && !c.dimse.peers[0].retrieve);
+        assert_eq!(c.dimse.peers[0].address, Some("10.0.0.5".parse().unwrap()));
+        let mut table = toml::Table::new();
+        let vars = vec![(
+            "DICOMGW_DIMSE__PEERS".to_string(),
+            "[{ae_title = \"DEST\", host = \"127.0.0.1\", port = 4242}]".to_string(),
+        )];
+        apply_env(&mut table, vars.into_iter()).unwrap();
+        let c: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(c.dimse.peers[0].port, 4242);
+        assert!(c.dimse.peers[0].retrieve);
+    }
+
+    #[test]
     fn default_config_file_matches_embedded_defaults() {
         let text = include_str!("../config/default.toml");
         let c: Config = toml::from_str(text).unwrap();
@@ -361,6 +414,7 @@ mod tests {
         assert_eq!(c.dimse.max_object_size, d.dimse.max_object_size);
         assert_eq!(c.dimse.on_duplicate, d.dimse.on_duplicate);
         assert_eq!(c.storage.s3, d.storage.s3);
+        assert_eq!(c.dimse.peers, d.dimse.peers);
         c.validate().unwrap();
     }
 }

@@ -87,9 +87,15 @@ fn parse_search(level: Level, raw: Option<&str>) -> Result<Search, ApiError> {
                 }
             }
             name => {
-                if name.contains('.') {
-                    // Sequence matching (e.g. 00081110.00081150) is not supported.
-                    unsupported.push(name.to_string());
+                if let Some((sequence, item)) = name.split_once('.') {
+                    // Sequence matching (e.g. 00081032.00080100=X), one level deep.
+                    let tags = parse_tag(sequence).zip(parse_tag(item));
+                    let matched = tags.is_some_and(|(sequence, item)| {
+                        search.query.add_sequence_match(sequence, &[(item, &value)])
+                    });
+                    if !matched {
+                        unsupported.push(name.to_string());
+                    }
                     continue;
                 }
                 let tag = parse_tag(name).ok_or_else(|| {
@@ -225,13 +231,7 @@ async fn run(
         includes: search.includes,
     };
     tokio::spawn(async move {
-        let mut q = sqlx::query(&sql_text);
-        for a in &args {
-            q = match a {
-                Arg::Text(s) => q.bind(s.as_str()),
-                Arg::Int(i) => q.bind(*i),
-            };
-        }
+        let q = crate::index::bind_args(sqlx::query(&sql_text), &args);
         let mut rows = q.fetch(&pool);
         loop {
             let item = match rows.try_next().await {
@@ -288,31 +288,25 @@ fn add_warnings(resp: &mut Response, warnings: &[String]) {
 }
 
 fn select_sql(search: &Search) -> (String, Vec<Arg>) {
-    let (where_sql, mut args) = search.query.where_clause();
-    let where_sql = if where_sql.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {where_sql}")
-    };
+    let (where_sql, mut args) = search.query.where_sql();
+    let level = search.query.level;
+    let from = level.from_sql();
     let needs_instance_json =
         search.includes.all || search.includes.tags.iter().any(|t| !is_instance_column(*t));
-    let sql = match search.query.level {
+    let sql = match level {
         Level::Study => format!(
             "SELECT st.study_uid, st.attrs_json, st.modalities, st.num_series, st.num_instances
-             FROM studies st {where_sql} ORDER BY st.study_pk"
+             {from} {where_sql} ORDER BY st.study_pk"
         ),
         Level::Series => format!(
             "SELECT st.study_uid, st.attrs_json, se.series_uid, se.attrs_json, se.num_instances
-             FROM series se JOIN studies st ON st.study_pk = se.study_pk
-             {where_sql} ORDER BY se.series_pk"
+             {from} {where_sql} ORDER BY se.series_pk"
         ),
         Level::Instance => format!(
             "SELECT st.study_uid, st.attrs_json, se.series_uid, se.attrs_json,
                     i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.rows, i.columns,
                     i.bits_allocated, i.number_of_frames, {}
-             FROM instances i JOIN series se ON se.series_pk = i.series_pk
-             JOIN studies st ON st.study_pk = i.study_pk
-             {where_sql} ORDER BY i.instance_pk",
+             {from} {where_sql} ORDER BY i.instance_pk",
             if needs_instance_json {
                 "i.metadata_json"
             } else {
@@ -581,7 +575,7 @@ mod tests {
     fn unsupported_matching_and_fuzzy_matching_are_reported_in_warnings() {
         let s = parse_search(
             Level::Study,
-            Some("fuzzymatching=true&PatientAge=030Y&00081110.00081150=1.2"),
+            Some("fuzzymatching=true&PatientAge=030Y&00081110.00081150.00081155=1.2"),
         )
         .unwrap();
         assert_eq!(s.warnings.len(), 2);

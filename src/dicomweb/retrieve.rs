@@ -25,6 +25,7 @@ use super::multipart::MultipartWriter;
 use super::{check_uids, WebState};
 use crate::index::StoredInstance;
 use crate::ingest::layout::{locate_frames, read_meta_extent, Extent, Layout};
+use crate::model::transcode::to_explicit_le;
 use crate::storage::{read_all, ObjectStore};
 
 /// Native frames and pixel data are read from storage in pieces of at most this size.
@@ -206,59 +207,6 @@ async fn send_instance(
         return Err(gone());
     }
     Ok(())
-}
-
-/// Re-encodes a native Part-10 object as Explicit VR Little Endian.
-fn to_explicit_le(part10: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Always)
-        .from_reader(part10)
-        .map_err(std::io::Error::other)?;
-    if obj.meta().transfer_syntax().trim_end_matches('\0') == EXPLICIT_VR_BE {
-        fix_wide_big_endian_pixels(&mut obj);
-    }
-    obj.update_meta(|meta| meta.transfer_syntax = EXPLICIT_VR_LE.to_string());
-    let mut out = Vec::with_capacity(part10.len() + 64);
-    obj.write_all(&mut out).map_err(std::io::Error::other)?;
-    Ok(out)
-}
-
-/// Big endian OW pixel data is read as 16-bit words, which is right for up to 16 bits allocated; for
-/// 32 and 64 bits each sample's words must also be put in little endian order.
-fn fix_wide_big_endian_pixels(obj: &mut dicom_object::DefaultDicomObject) {
-    use dicom_core::value::{PrimitiveValue, C};
-    use dicom_core::DataElement;
-    use dicom_dictionary_std::tags;
-    let bits = obj
-        .get(tags::BITS_ALLOCATED)
-        .and_then(|e| e.to_int::<u16>().ok())
-        .unwrap_or(0);
-    if bits != 32 && bits != 64 {
-        return;
-    }
-    let Some(pixels) = obj.get(tags::PIXEL_DATA) else {
-        return;
-    };
-    let vr = pixels.vr();
-    let Ok(bytes) = pixels.to_bytes() else {
-        return;
-    };
-    let sample = usize::from(bits / 8);
-    let mut fixed = Vec::with_capacity(bytes.len());
-    for chunk in bytes.chunks(sample) {
-        if chunk.len() == sample {
-            for word in chunk.chunks_exact(2).rev() {
-                fixed.extend_from_slice(word);
-            }
-        } else {
-            fixed.extend_from_slice(chunk);
-        }
-    }
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        vr,
-        PrimitiveValue::U8(C::from_vec(fixed)),
-    ));
 }
 
 /// Parses a 1-based frame list ("1,3,5").

@@ -15,14 +15,12 @@ use dicom_ul::Pdu;
 use tokio::net::TcpStream;
 
 use super::command::{elem, field, Command, CommandBuilder, MAX_COMMAND_LENGTH, NO_DATA_SET};
+use super::dataset::MAX_IDENTIFIER_LENGTH;
+use super::message::{self, ProtocolError};
+use super::qr::{self, Request};
+use super::retrieve::OutContext;
 use super::store::PendingStore;
 use super::Context;
-
-/// An accepted presentation context.
-struct PresentationContext {
-    abstract_syntax: String,
-    transfer_syntax: String,
-}
 
 /// What the association is in the middle of receiving.
 enum State {
@@ -32,17 +30,19 @@ enum State {
     StoreData { pc: u8, store: Box<PendingStore> },
     /// Receiving (and dropping) the data set of a command we do not serve.
     Discard { pc: u8, response: Vec<u8> },
+    /// Receiving the identifier of a C-FIND, C-MOVE or C-GET.
+    Identifier {
+        pc: u8,
+        cmd: Box<Command>,
+        buf: Vec<u8>,
+    },
 }
 
-/// Why the association ended abnormally; we answer with A-ABORT.
-#[derive(Debug, thiserror::Error)]
-enum ProtocolError {
-    #[error("{0}")]
-    Violation(String),
-    #[error("peer idle for longer than the read timeout")]
-    Timeout,
-    #[error("network error: {0}")]
-    Network(String),
+/// What to do once a message is complete.
+enum Action {
+    Respond(u8, Vec<u8>),
+    /// A query/retrieve operation, which runs on the association until its final response.
+    Run(Box<Request>),
 }
 
 pub async fn run(
@@ -51,14 +51,15 @@ pub async fn run(
     peer: std::net::SocketAddr,
 ) {
     let calling_ae = assoc.peer_ae_title().trim().to_string();
-    let contexts: HashMap<u8, PresentationContext> = assoc
+    let contexts: HashMap<u8, OutContext> = assoc
         .presentation_contexts()
         .iter()
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
         .map(|pc| {
             (
                 pc.id,
-                PresentationContext {
+                OutContext {
+                    id: pc.id,
                     abstract_syntax: pc.abstract_syntax.trim_end_matches('\0').to_string(),
                     transfer_syntax: pc.transfer_syntax.trim_end_matches('\0').to_string(),
                 },
@@ -75,6 +76,7 @@ pub async fn run(
     let mut conn = Connection {
         ctx,
         calling_ae: &calling_ae,
+        peer,
         contexts,
         state: State::Command {
             pc: 0,
@@ -95,10 +97,7 @@ pub async fn run(
                 tracing::info!(calling_ae, "association released");
                 return;
             }
-            Ok(Pdu::AbortRQ { .. }) => {
-                tracing::info!(calling_ae, "association aborted by peer");
-                return;
-            }
+            Ok(Pdu::AbortRQ { .. }) => Err(ProtocolError::Aborted),
             Ok(other) => Err(ProtocolError::Violation(format!(
                 "unexpected {}",
                 other.short_description()
@@ -106,6 +105,10 @@ pub async fn run(
             Err(e) => Err(e),
         };
         if let Err(e) = result {
+            if matches!(e, ProtocolError::Aborted) {
+                tracing::info!(calling_ae, "association aborted by peer");
+                return;
+            }
             tracing::warn!(calling_ae, error = %e, "aborting association");
             if !matches!(e, ProtocolError::Network(_)) {
                 let _ = assoc
@@ -124,7 +127,8 @@ pub async fn run(
 struct Connection<'a> {
     ctx: &'a Context,
     calling_ae: &'a str,
-    contexts: HashMap<u8, PresentationContext>,
+    peer: std::net::SocketAddr,
+    contexts: HashMap<u8, OutContext>,
     state: State,
 }
 
@@ -141,15 +145,19 @@ impl Connection<'_> {
                     pdv.presentation_context_id
                 )));
             }
-            if let Some((pc, response)) = self.on_pdv(pdv).await? {
-                send_command(assoc, pc, response).await?;
+            match self.on_pdv(pdv).await? {
+                None => {}
+                Some(Action::Respond(pc, response)) => {
+                    message::send(assoc, pc, response, None).await?
+                }
+                Some(Action::Run(req)) => self.run_qr(assoc, *req).await?,
             }
         }
         Ok(())
     }
 
     /// Feeds one PDV; returns a response command to send when a message completes.
-    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<Option<Action>, ProtocolError> {
         let pc = pdv.presentation_context_id;
         match (&mut self.state, pdv.value_type) {
             (State::Command { pc: cur, buf }, PDataValueType::Command) => {
@@ -179,7 +187,10 @@ impl Connection<'_> {
                 let State::StoreData { store, .. } = self.idle() else {
                     unreachable!()
                 };
-                Ok(Some((pc, store.finish(self.ctx, self.calling_ae).await)))
+                Ok(Some(Action::Respond(
+                    pc,
+                    store.finish(self.ctx, self.calling_ae).await,
+                )))
             }
             (State::Discard { pc: cur, .. }, PDataValueType::Data) if *cur == pc => {
                 if !pdv.is_last {
@@ -188,7 +199,27 @@ impl Connection<'_> {
                 let State::Discard { response, .. } = self.idle() else {
                     unreachable!()
                 };
-                Ok(Some((pc, response)))
+                Ok(Some(Action::Respond(pc, response)))
+            }
+            (State::Identifier { pc: cur, buf, .. }, PDataValueType::Data) if *cur == pc => {
+                if buf.len() + pdv.data.len() > MAX_IDENTIFIER_LENGTH {
+                    return Err(ProtocolError::Violation("identifier too long".into()));
+                }
+                buf.extend_from_slice(&pdv.data);
+                if !pdv.is_last {
+                    return Ok(None);
+                }
+                let State::Identifier { cmd, buf, .. } = self.idle() else {
+                    unreachable!()
+                };
+                Ok(Some(Action::Run(Box::new(Request {
+                    pc,
+                    transfer_syntax: self.contexts[&pc].transfer_syntax.clone(),
+                    cmd: *cmd,
+                    identifier: buf,
+                    calling_ae: self.calling_ae.to_string(),
+                    peer: self.peer,
+                }))))
             }
             (State::Command { .. }, PDataValueType::Data) => Err(ProtocolError::Violation(
                 "data set fragment without a command".into(),
@@ -209,17 +240,13 @@ impl Connection<'_> {
         )
     }
 
-    async fn on_command(
-        &mut self,
-        pc: u8,
-        cmd: Command,
-    ) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+    async fn on_command(&mut self, pc: u8, cmd: Command) -> Result<Option<Action>, ProtocolError> {
         let command_field = cmd
             .command_field()
             .map_err(|e| ProtocolError::Violation(e.to_string()))?;
         let context = &self.contexts[&pc];
         match command_field {
-            field::C_ECHO_RQ => Ok(Some((pc, super::echo::response(&cmd)))),
+            field::C_ECHO_RQ => Ok(Some(Action::Respond(pc, super::echo::response(&cmd)))),
             field::C_STORE_RQ if cmd.has_data_set() => {
                 let store = PendingStore::begin(
                     self.ctx,
@@ -238,7 +265,18 @@ impl Connection<'_> {
             field::C_STORE_RQ => Err(ProtocolError::Violation(
                 "C-STORE-RQ without a data set".into(),
             )),
-            // C-CANCEL has no response; nothing of ours is cancellable yet.
+            field::C_FIND_RQ | field::C_MOVE_RQ | field::C_GET_RQ if cmd.has_data_set() => {
+                self.state = State::Identifier {
+                    pc,
+                    cmd: Box::new(cmd),
+                    buf: Vec::new(),
+                };
+                Ok(None)
+            }
+            field::C_FIND_RQ | field::C_MOVE_RQ | field::C_GET_RQ => Err(ProtocolError::Violation(
+                "query/retrieve request without an identifier".into(),
+            )),
+            // C-CANCEL has no response; one that arrives after its operation ended is moot.
             field::C_CANCEL_RQ => Ok(None),
             other => {
                 // PS3.7 C.5: an operation we do not provide gets "unrecognized operation".
@@ -259,28 +297,41 @@ impl Connection<'_> {
                     self.state = State::Discard { pc, response };
                     Ok(None)
                 } else {
-                    Ok(Some((pc, response)))
+                    Ok(Some(Action::Respond(pc, response)))
                 }
             }
         }
     }
-}
 
-async fn send_command(
-    assoc: &mut AsyncServerAssociation<TcpStream>,
-    pc: u8,
-    command: Vec<u8>,
-) -> Result<(), ProtocolError> {
-    let pdu = Pdu::PData {
-        data: vec![PDataValue {
-            presentation_context_id: pc,
-            value_type: PDataValueType::Command,
-            is_last: true,
-            data: command,
-        }],
-    };
-    assoc
-        .send(&pdu)
-        .await
-        .map_err(|e| ProtocolError::Network(e.to_string()))
+    /// Runs a C-FIND, C-MOVE or C-GET to its final response. A SOP class that is not a Patient or
+    /// Study Root model of that operation gets 0122.
+    async fn run_qr(
+        &mut self,
+        assoc: &mut AsyncServerAssociation<TcpStream>,
+        req: Request,
+    ) -> Result<(), ProtocolError> {
+        let command_field = req.cmd.command_field().unwrap_or(0);
+        let sop_class = req.sop_class();
+        let model = qr::model_of(&sop_class)
+            .filter(|_| qr::operation_of(&sop_class) == Some(command_field));
+        let Some(model) = model else {
+            let rsp = qr::response(
+                &req,
+                command_field | 0x8000,
+                qr::status::SOP_CLASS_NOT_SUPPORTED,
+                false,
+            )
+            .text(
+                elem::ERROR_COMMENT,
+                &format!("SOP class {sop_class} is not supported for this operation"),
+            )
+            .encode();
+            return message::send(assoc, req.pc, rsp, None).await;
+        };
+        match command_field {
+            field::C_FIND_RQ => super::find::run(assoc, self.ctx, req, model).await,
+            field::C_MOVE_RQ => super::move_::run(assoc, self.ctx, req, model).await,
+            _ => super::get::run(assoc, self.ctx, req, model, &self.contexts).await,
+        }
+    }
 }

@@ -7,6 +7,12 @@ use std::collections::BTreeMap;
 pub mod field {
     pub const C_STORE_RQ: u16 = 0x0001;
     pub const C_STORE_RSP: u16 = 0x8001;
+    pub const C_GET_RQ: u16 = 0x0010;
+    pub const C_GET_RSP: u16 = 0x8010;
+    pub const C_FIND_RQ: u16 = 0x0020;
+    pub const C_FIND_RSP: u16 = 0x8020;
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    pub const C_MOVE_RSP: u16 = 0x8021;
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
@@ -18,14 +24,24 @@ pub mod elem {
     pub const COMMAND_FIELD: u16 = 0x0100;
     pub const MESSAGE_ID: u16 = 0x0110;
     pub const MESSAGE_ID_BEING_RESPONDED_TO: u16 = 0x0120;
+    pub const MOVE_DESTINATION: u16 = 0x0600;
+    pub const PRIORITY: u16 = 0x0700;
     pub const COMMAND_DATA_SET_TYPE: u16 = 0x0800;
     pub const STATUS: u16 = 0x0900;
     pub const ERROR_COMMENT: u16 = 0x0902;
     pub const AFFECTED_SOP_INSTANCE_UID: u16 = 0x1000;
+    pub const NUMBER_OF_REMAINING_SUB_OPERATIONS: u16 = 0x1020;
+    pub const NUMBER_OF_COMPLETED_SUB_OPERATIONS: u16 = 0x1021;
+    pub const NUMBER_OF_FAILED_SUB_OPERATIONS: u16 = 0x1022;
+    pub const NUMBER_OF_WARNING_SUB_OPERATIONS: u16 = 0x1023;
+    pub const MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE: u16 = 0x1030;
+    pub const MOVE_ORIGINATOR_MESSAGE_ID: u16 = 0x1031;
 }
 
 /// (0000,0800) value meaning "no data set follows".
 pub const NO_DATA_SET: u16 = 0x0101;
+/// A (0000,0800) value meaning "a data set follows" (any value but 0x0101 does).
+pub const DATA_SET_PRESENT: u16 = 0x0000;
 
 /// Largest command set we accept; real ones are a few hundred bytes.
 pub const MAX_COMMAND_LENGTH: usize = 64 * 1024;

@@ -3,24 +3,38 @@
 //! - this file: accept loop, association cap, association negotiation (called AE title check,
 //!   presentation contexts, PDU size, timeouts);
 //! - [`association`]: one association's message loop (PDV reassembly, release, abort);
-//! - [`command`]: command set encoding; [`echo`] and [`store`]: the services.
+//! - [`command`]: command set encoding; [`message`]: multi-PDV messages and the commands that arrive
+//!   while an operation runs; [`dataset`]: identifiers to and from their transfer syntax;
+//! - [`echo`] and [`store`]: Verification and Storage;
+//! - query/retrieve: [`qr`] (models, levels, statuses, keys -> matching engine), [`find`],
+//!   [`move_`] and [`get`], with [`retrieve`] their shared C-STORE sub-operations, and [`peers`]
+//!   (who may query / retrieve, where move destinations are).
 //!
 //! Presentation contexts are accepted for any abstract syntax with one of our transfer syntaxes; the
 //! C-STORE handler then checks the SOP class against the standard dictionary (0122 otherwise), so the
-//! list of Storage SOP classes is the dictionary's, not ours.
+//! list of Storage SOP classes is the dictionary's, not ours. Likewise the Q/R handlers answer 0122
+//! to a SOP class that is not a Patient or Study Root model of their operation.
 
 mod association;
 mod command;
+mod dataset;
 mod echo;
+mod find;
+mod get;
+mod message;
+mod move_;
+mod peers;
+mod qr;
+mod retrieve;
 pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::association::server::{AccessControl, DefaultNegotiation, ServerAssociationOptions};
+use dicom_ul::association::server::{AccessControl, Negotiation, ServerAssociationOptions};
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
-    AssociationRJServiceUserReason, AssociationRJSource, UserIdentity,
+    AssociationRJServiceUserReason, AssociationRJSource, RequestorRoles, UserIdentity,
 };
 use dicom_ul::Pdu;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +42,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::DimseConfig;
+use crate::index::Index;
 use crate::ingest::Ingestor;
+use crate::storage::ObjectStore;
 
 /// Transfer syntaxes we accept on the wire (objects are stored as received).
 pub const TRANSFER_SYNTAXES: &[&str] = &[
@@ -75,6 +91,9 @@ const ASSOCIATION_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Context {
     pub config: DimseConfig,
     pub ingestor: Arc<Ingestor>,
+    /// Read by C-FIND (index only) and C-MOVE / C-GET (index, then storage); never written here.
+    pub index: Index,
+    pub store: Arc<dyn ObjectStore>,
 }
 
 /// Accepts associations only when they call our AE title (if so configured).
@@ -98,7 +117,17 @@ impl AccessControl for CalledAeCheck {
     }
 }
 
-type Options = ServerAssociationOptions<'static, CalledAeCheck, DefaultNegotiation>;
+/// SCU/SCP role selection: a C-GET requester proposes the SCP role for the Storage SOP classes it
+/// wants to receive; the roles it asks for are granted as asked.
+struct Roles;
+
+impl Negotiation for Roles {
+    fn negotiate_roles(&self, _sop_class: &str, scu: bool, scp: bool) -> Option<RequestorRoles> {
+        Some(RequestorRoles { scu, scp })
+    }
+}
+
+type Options = ServerAssociationOptions<'static, CalledAeCheck, Roles>;
 
 fn association_options(config: &DimseConfig) -> Options {
     let mut options = ServerAssociationOptions::new()
@@ -111,6 +140,7 @@ fn association_options(config: &DimseConfig) -> Options {
         .strict(true)
         .read_timeout(Duration::from_secs(config.read_timeout_secs))
         .write_timeout(Duration::from_secs(config.write_timeout_secs))
+        .with_negotiation(Roles)
         .with_abstract_syntax(echo::VERIFICATION);
     for ts in TRANSFER_SYNTAXES {
         options = options.with_transfer_syntax(*ts);

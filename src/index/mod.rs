@@ -44,6 +44,20 @@ pub const INSTANCES_IN_SCOPE: &str = "FROM instances i
        AND (?3 IS NULL OR i.sop_instance_uid = ?3)
      ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk";
 
+/// Binds a query's arguments, as the matching engine produced them, in order.
+pub fn bind_args<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    args: &'q [query::Arg],
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for a in args {
+        q = match a {
+            query::Arg::Text(s) => q.bind(s.as_str()),
+            query::Arg::Int(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
 #[derive(Clone)]
 pub struct Index {
     read: SqlitePool,

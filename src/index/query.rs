@@ -17,6 +17,21 @@ pub enum Level {
     Instance,
 }
 
+impl Level {
+    /// The tables a query at this level reads, joined under the aliases the columns use (`st`,
+    /// `se`, `i`): the one definition QIDO-RS and C-FIND share.
+    pub fn from_sql(self) -> &'static str {
+        match self {
+            Level::Study => "FROM studies st",
+            Level::Series => "FROM series se JOIN studies st ON st.study_pk = se.study_pk",
+            Level::Instance => {
+                "FROM instances i JOIN series se ON se.series_pk = i.series_pk
+                 JOIN studies st ON st.study_pk = i.study_pk"
+            }
+        }
+    }
+}
+
 /// How a matchable attribute is stored and compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -175,8 +190,26 @@ pub enum MatchError {
 pub struct Query {
     pub level: Level,
     pub filters: Vec<Filter>,
+    /// Sequence matching (PS3.4 C.2.2.2.6): matched against the items kept in the stored JSON.
+    sequences: Vec<SequenceFilter>,
     pub limit: Option<u64>,
     pub offset: u64,
+}
+
+/// An item key of a sequence match: the JSON path of its first value and its matcher.
+#[derive(Debug, Clone)]
+struct ItemFilter {
+    path: String,
+    person_name: bool,
+    matcher: Matcher,
+}
+
+/// Matches when one item of the sequence, in the JSON column of its level, matches every item key.
+#[derive(Debug, Clone)]
+struct SequenceFilter {
+    json_sql: &'static str,
+    sequence: Tag,
+    items: Vec<ItemFilter>,
 }
 
 /// A bound SQL argument.
@@ -191,6 +224,7 @@ impl Query {
         Query {
             level,
             filters: Vec::new(),
+            sequences: Vec::new(),
             limit: None,
             offset: 0,
         }
@@ -242,12 +276,69 @@ impl Query {
         Ok(true)
     }
 
+    /// Adds a sequence matching key: one item's (tag, value) pairs, all of which must match the same
+    /// item of the stored sequence (single value, wildcard or list; PN case-insensitive on its
+    /// alphabetic group). Sequences are matched in the stored JSON of the level that keeps them: study
+    /// and series attributes (`model::levels`), any sequence of the instance at instance level.
+    /// False when the sequence is not kept at or above the query level.
+    pub fn add_sequence_match(&mut self, sequence: Tag, item: &[(Tag, &str)]) -> bool {
+        use crate::model::levels::{SERIES_TAGS, STUDY_TAGS};
+        let json_sql = if STUDY_TAGS.contains(&sequence) {
+            "st.attrs_json"
+        } else if SERIES_TAGS.contains(&sequence) && self.level >= Level::Series {
+            "se.attrs_json"
+        } else if self.level == Level::Instance {
+            "i.metadata_json"
+        } else {
+            return false;
+        };
+        let mut items = Vec::new();
+        for (tag, value) in item {
+            let value = value.trim_end_matches(['\0', ' ']);
+            if value.is_empty() || value == "*" {
+                continue;
+            }
+            let person_name = vr_of(*tag) == VR::PN;
+            let suffix = if person_name { ".Alphabetic" } else { "" };
+            items.push(ItemFilter {
+                path: format!(
+                    "$.\"{:04X}{:04X}\".Value[0]{suffix}",
+                    tag.group(),
+                    tag.element()
+                ),
+                person_name,
+                matcher: text_matcher(value, person_name),
+            });
+        }
+        if !items.is_empty() {
+            self.sequences.push(SequenceFilter {
+                json_sql,
+                sequence,
+                items,
+            });
+        }
+        true
+    }
+
+    /// `WHERE ...` (or nothing when every key is universal) and its arguments.
+    pub fn where_sql(&self) -> (String, Vec<Arg>) {
+        let (conditions, args) = self.where_clause();
+        if conditions.is_empty() {
+            (String::new(), args)
+        } else {
+            (format!("WHERE {conditions}"), args)
+        }
+    }
+
     /// The WHERE clause (joined with AND, or empty) and its arguments.
     pub fn where_clause(&self) -> (String, Vec<Arg>) {
         let mut sql = Vec::new();
         let mut args = Vec::new();
         for f in &self.filters {
             sql.push(filter_sql(f, &mut args));
+        }
+        for f in &self.sequences {
+            sql.push(sequence_sql(f, &mut args));
         }
         (sql.join(" AND "), args)
     }
@@ -299,6 +390,30 @@ fn filter_sql(f: &Filter, args: &mut Vec<Arg>) -> String {
         }
         (_, m) => matcher_sql(col, m, args),
     }
+}
+
+fn sequence_sql(f: &SequenceFilter, args: &mut Vec<Arg>) -> String {
+    let conditions: Vec<String> = f
+        .items
+        .iter()
+        .map(|item| {
+            // The path is built from a tag, never from input: safe to inline.
+            let value = format!("json_extract(it.value, '{}')", item.path);
+            let value = if item.person_name {
+                format!("upper({value})")
+            } else {
+                value
+            };
+            matcher_sql(&value, &item.matcher, args)
+        })
+        .collect();
+    format!(
+        "EXISTS (SELECT 1 FROM json_each({}, '$.\"{:04X}{:04X}\".Value') AS it WHERE {})",
+        f.json_sql,
+        f.sequence.group(),
+        f.sequence.element(),
+        conditions.join(" AND ")
+    )
 }
 
 fn matcher_sql(col: &str, m: &Matcher, args: &mut Vec<Arg>) -> String {
@@ -571,6 +686,27 @@ mod tests {
         assert!(!query.add_match(tags::PATIENT_AGE, "030Y").unwrap());
         let mut query = Query::new(Level::Instance);
         assert!(query.add_match(tags::PATIENT_ID, "x").unwrap());
+    }
+
+    #[test]
+    fn sequence_items_match_in_the_stored_json_of_their_level() {
+        let mut query = Query::new(Level::Study);
+        let item = [
+            (tags::CODE_VALUE, "X1*"),
+            (tags::CODING_SCHEME_DESIGNATOR, ""),
+        ];
+        assert!(query.add_sequence_match(tags::PROCEDURE_CODE_SEQUENCE, &item));
+        let (sql, args) = query.where_clause();
+        assert_eq!(
+            sql,
+            "EXISTS (SELECT 1 FROM json_each(st.attrs_json, '$.\"00081032\".Value') AS it \
+             WHERE json_extract(it.value, '$.\"00080100\".Value[0]') LIKE ? ESCAPE '\\')"
+        );
+        assert_eq!(args, vec![Arg::Text("X1%".into())]);
+        // Series sequences are not visible from the study level; any instance sequence is.
+        assert!(!query.add_sequence_match(tags::REQUEST_ATTRIBUTES_SEQUENCE, &item));
+        let mut query = Query::new(Level::Instance);
+        assert!(query.add_sequence_match(tags::REFERENCED_IMAGE_SEQUENCE, &item));
     }
 
     #[test]

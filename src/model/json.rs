@@ -138,6 +138,75 @@ pub fn parse_tag(s: &str) -> Option<Tag> {
     StandardDataDictionary.by_name(s).map(|entry| entry.tag())
 }
 
+/// The reverse of [`to_json`] for one element: a stored DICOM JSON element back into a data element
+/// (used to answer C-FIND from the index). PN groups are joined with `=`, numbers of IS/DS become
+/// text again, InlineBinary is decoded; a BulkDataURI gives an element without value (C-FIND never
+/// returns bulk data). None when the JSON is not a DICOM JSON element.
+pub fn element_from_json(tag: Tag, json: &serde_json::Value) -> Option<InMemElement> {
+    use dicom_core::value::DataSetSequence;
+    use serde_json::Value as J;
+    let vr: VR = json.get("vr")?.as_str()?.parse().ok()?;
+    if let Some(b64) = json.get("InlineBinary").and_then(J::as_str) {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        return Some(InMemElement::new(tag, vr, PrimitiveValue::from(bytes)));
+    }
+    let Some(values) = json.get("Value").and_then(J::as_array) else {
+        return Some(InMemElement::new(tag, vr, PrimitiveValue::Empty));
+    };
+    let text = |v: &J| match v {
+        J::String(s) => s.clone(),
+        J::Number(n) => n.to_string(),
+        _ => String::new(),
+    };
+    let value: Value<InMemDicomObject> = match vr {
+        VR::SQ => {
+            let items = values
+                .iter()
+                .filter_map(J::as_object)
+                .map(|item| {
+                    InMemDicomObject::from_element_iter(
+                        item.iter()
+                            .filter_map(|(k, v)| element_from_json(parse_hex_tag(k)?, v)),
+                    )
+                })
+                .collect::<Vec<_>>();
+            Value::Sequence(DataSetSequence::from(items))
+        }
+        VR::PN => {
+            let names = values.iter().map(|v| {
+                let groups = ["Alphabetic", "Ideographic", "Phonetic"]
+                    .map(|g| v.get(g).and_then(J::as_str).unwrap_or(""));
+                groups.join("=").trim_end_matches('=').to_string()
+            });
+            PrimitiveValue::Strs(names.collect()).into()
+        }
+        VR::US | VR::UL | VR::SV | VR::UV | VR::SS | VR::SL | VR::FL | VR::FD => {
+            let nums = || values.iter().filter_map(J::as_f64);
+            match vr {
+                VR::US => PrimitiveValue::U16(nums().map(|n| n as u16).collect()),
+                VR::UL => PrimitiveValue::U32(nums().map(|n| n as u32).collect()),
+                VR::SS => PrimitiveValue::I16(nums().map(|n| n as i16).collect()),
+                VR::SL => PrimitiveValue::I32(nums().map(|n| n as i32).collect()),
+                VR::SV => PrimitiveValue::I64(values.iter().filter_map(J::as_i64).collect()),
+                VR::UV => PrimitiveValue::U64(values.iter().filter_map(J::as_u64).collect()),
+                VR::FL => PrimitiveValue::F32(nums().map(|n| n as f32).collect()),
+                _ => PrimitiveValue::F64(nums().collect()),
+            }
+            .into()
+        }
+        VR::AT => PrimitiveValue::Tags(
+            values
+                .iter()
+                .filter_map(|v| parse_hex_tag(v.as_str()?))
+                .collect(),
+        )
+        .into(),
+        _ => PrimitiveValue::Strs(values.iter().map(text).collect()).into(),
+    };
+    Some(InMemElement::new(tag, vr, value))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Internals
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,22 @@ pub const STUDY_TAGS: &[Tag] = &[
     tags::STUDY_ID,
 ];
 
+/// The patient level of the Patient Root model (PS3.4 C.6.1.1.2): the patient attributes of
+/// [`STUDY_TAGS`], which is where they are kept.
+pub const PATIENT_TAGS: &[Tag] = &[
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID,
+    tags::TYPE_OF_PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID_QUALIFIERS_SEQUENCE,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_BIRTH_TIME,
+    tags::PATIENT_SEX,
+    tags::OTHER_PATIENT_I_DS_SEQUENCE,
+    tags::OTHER_PATIENT_NAMES,
+    tags::PATIENT_COMMENTS,
+];
+
 /// Series level attributes kept with the series.
 pub const SERIES_TAGS: &[Tag] = &[
     tags::SPECIFIC_CHARACTER_SET,

@@ -1,0 +1,83 @@
+//! C-GET SCP (PS3.4 C.4.3): the instances an identifier names are sent as C-STORE sub-operations
+//! over the requesting association itself, on the Storage presentation contexts it proposed (with
+//! the SCP role for itself, accepted in negotiation). Counting, statuses and cancel as for C-MOVE.
+
+use std::collections::HashMap;
+
+use dicom_ul::association::server::AsyncServerAssociation;
+use tokio::net::TcpStream;
+
+use super::command::field;
+use super::message::{self, Inbox, ProtocolError};
+use super::peers::{self, Right};
+use super::qr::{status, Failure, Model, Request};
+use super::retrieve::{self, OutContext, Progress, SubOpError};
+use super::Context;
+
+pub async fn run(
+    assoc: &mut AsyncServerAssociation<TcpStream>,
+    ctx: &Context,
+    req: Request,
+    model: Model,
+    contexts: &HashMap<u8, OutContext>,
+) -> Result<(), ProtocolError> {
+    let rsp = field::C_GET_RSP;
+    if !peers::allowed(
+        &ctx.config.peers,
+        &req.calling_ae,
+        req.peer.ip(),
+        Right::Retrieve,
+    ) {
+        tracing::warn!(target: "audit", calling_ae = %req.calling_ae, peer = %req.peer, "C-GET refused: not a peer allowed to retrieve");
+        let f = Failure::new(
+            status::NOT_AUTHORIZED,
+            "calling AE title is not allowed to retrieve",
+        );
+        return retrieve::send_refusal(assoc, &req, rsp, &f).await;
+    }
+    let instances = match retrieve::resolve(ctx, &req, model).await {
+        Ok(list) => list,
+        Err(f) => return retrieve::send_refusal(assoc, &req, rsp, &f).await,
+    };
+    tracing::info!(target: "audit", calling_ae = %req.calling_ae, instances = instances.len(), "C-GET");
+    let mut contexts: Vec<OutContext> = contexts.values().cloned().collect();
+    contexts.sort_by_key(|c| c.id);
+    let mut progress = Progress::new(instances.len());
+    let mut inbox = Inbox::default();
+    for (n, inst) in instances.iter().enumerate() {
+        if progress.cancelled
+            || message::cancel_requested(assoc, &mut inbox, req.message_id()).await?
+        {
+            progress.cancelled = true;
+            break;
+        }
+        // Sub-operation message IDs count down from the top, away from the requester's own IDs.
+        let message_id = 0xFFFF - (n % 0x7FFF) as u16;
+        let outcome = retrieve::store(
+            assoc,
+            &mut inbox,
+            ctx,
+            &contexts,
+            inst,
+            message_id,
+            None,
+            &mut progress,
+            Some(req.message_id()),
+        )
+        .await;
+        match outcome {
+            Ok(store_status) => progress.record(inst, Some(store_status)),
+            Err(SubOpError::Failed(why)) => {
+                tracing::warn!(sop_instance_uid = %inst.sop_instance_uid, error = %why, "C-GET sub-operation failed");
+                progress.record(inst, None);
+            }
+            // The requesting association itself is broken: nothing more can be said on it.
+            Err(SubOpError::Protocol(e)) => return Err(e),
+        }
+        if progress.remaining > 0 && !progress.cancelled {
+            progress.send_pending(assoc, &req, rsp).await?;
+        }
+    }
+    tracing::info!(target: "audit", calling_ae = %req.calling_ae, completed = progress.completed, failed = progress.failed, warning = progress.warning, cancelled = progress.cancelled, "C-GET done");
+    progress.send_final(assoc, &req, rsp, None).await
+}

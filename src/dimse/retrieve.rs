@@ -1,0 +1,480 @@
+//! What C-MOVE and C-GET share (PS3.4 C.4.2, C.4.3): which instances an identifier names, the
+//! C-STORE sub-operation (one stored instance streamed from storage into PDVs, never the whole
+//! study in memory), sub-operation counting, and the pending / final responses.
+//!
+//! An instance goes out in its stored transfer syntax when the receiver accepted that; otherwise a
+//! native object is re-encoded into Explicit or Implicit VR Little Endian (one instance in memory),
+//! and a compressed one the receiver cannot take counts as a failed sub-operation.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_ul::association::AsyncAssociation;
+use futures::TryStreamExt;
+use sqlx::Row;
+use tokio::net::TcpStream;
+
+use super::command::{elem, field, CommandBuilder, DATA_SET_PRESENT};
+use super::message::{self, Inbox, ProtocolError};
+use super::qr::{self, status, Failure, Model, QrLevel, Request};
+use super::{dataset, Context};
+use crate::index::query::{Level, Query};
+use crate::ingest::layout::read_meta_extent;
+use crate::model::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
+use crate::storage::read_all;
+
+/// The file meta group of a stored object is read from this many bytes at most.
+const META_READ: u64 = 16 * 1024;
+
+/// An instance to send, as the index knows it.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax_uid: String,
+    pub storage_key: String,
+    pub size_bytes: u64,
+}
+
+/// The instances an identifier names: every key goes through the matching engine, and the unique
+/// key of the level must have a value (a retrieve never means "everything").
+pub async fn matching_instances(
+    ctx: &Context,
+    model: Model,
+    identifier: &InMemDicomObject,
+) -> Result<Vec<Instance>, Failure> {
+    let level = QrLevel::of(model, identifier)?;
+    let unique = match level {
+        QrLevel::Patient => tags::PATIENT_ID,
+        QrLevel::Study => tags::STUDY_INSTANCE_UID,
+        QrLevel::Series => tags::SERIES_INSTANCE_UID,
+        QrLevel::Image => tags::SOP_INSTANCE_UID,
+    };
+    let has_unique = identifier
+        .get(unique)
+        .and_then(|e| e.to_str().ok())
+        .is_some_and(|v| !v.trim_end_matches(['\0', ' ']).is_empty());
+    if !has_unique {
+        return Err(Failure::new(
+            status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            format!(
+                "the unique key {unique} of the {} level has no value",
+                level.as_str()
+            ),
+        ));
+    }
+    let mut query = Query::new(level.engine_level());
+    qr::add_keys(&mut query, identifier, |_| true)?;
+    let (where_sql, args) = query.where_sql();
+    let sql = format!(
+        "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key,
+                i.size_bytes
+         {} {where_sql}
+         ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
+        Level::Instance.from_sql()
+    );
+    let rows: Result<Vec<Instance>, sqlx::Error> =
+        crate::index::bind_args(sqlx::query(&sql), &args)
+            .fetch(ctx.index.read_pool())
+            .map_ok(|r| Instance {
+                sop_class_uid: r.get(0),
+                sop_instance_uid: r.get(1),
+                transfer_syntax_uid: r.get(2),
+                storage_key: r.get(3),
+                size_bytes: r.get::<i64, _>(4) as u64,
+            })
+            .try_collect()
+            .await;
+    rows.map_err(|e| {
+        tracing::error!(error = %e, "index read failed");
+        Failure::new(status::OUT_OF_RESOURCES, "index read failed")
+    })
+}
+
+/// An accepted presentation context of the association sub-operations go over.
+#[derive(Debug, Clone)]
+pub struct OutContext {
+    pub id: u8,
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+}
+
+/// How one instance goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding<'a> {
+    AsStored(u8),
+    Reencoded(u8, &'a str),
+}
+
+fn choose<'a>(contexts: &'a [OutContext], inst: &Instance) -> Option<Encoding<'a>> {
+    let for_class = || {
+        contexts
+            .iter()
+            .filter(|c| c.abstract_syntax == inst.sop_class_uid)
+    };
+    if let Some(c) = for_class().find(|c| c.transfer_syntax == inst.transfer_syntax_uid) {
+        return Some(Encoding::AsStored(c.id));
+    }
+    if !dataset::is_native(&inst.transfer_syntax_uid) {
+        return None;
+    }
+    [EXPLICIT_VR_LE, IMPLICIT_VR_LE].iter().find_map(|ts| {
+        for_class()
+            .find(|c| c.transfer_syntax == *ts)
+            .map(|c| Encoding::Reencoded(c.id, c.transfer_syntax.as_str()))
+    })
+}
+
+/// The presentation contexts to propose for sending `instances`: one per distinct SOP class and
+/// stored transfer syntax, plus one per SOP class of native objects offering Explicit and Implicit
+/// VR Little Endian for re-encoding; at most 128 (odd IDs 1-255).
+pub fn proposed_contexts(instances: &[Instance]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for inst in instances {
+        let stored = (
+            inst.sop_class_uid.clone(),
+            vec![inst.transfer_syntax_uid.clone()],
+        );
+        if !out.contains(&stored) {
+            out.push(stored);
+        }
+        if dataset::is_native(&inst.transfer_syntax_uid) {
+            let fallback = (
+                inst.sop_class_uid.clone(),
+                vec![EXPLICIT_VR_LE.to_string(), IMPLICIT_VR_LE.to_string()],
+            );
+            if !out.contains(&fallback) {
+                out.push(fallback);
+            }
+        }
+    }
+    out.truncate(128);
+    out
+}
+
+/// Sub-operation counts (PS3.7 C.4.2.1.6 and following).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub remaining: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub warning: usize,
+    pub failed_uids: Vec<String>,
+    pub cancelled: bool,
+}
+
+fn count(n: usize) -> u16 {
+    n.min(u16::MAX as usize) as u16
+}
+
+impl Progress {
+    pub fn new(total: usize) -> Progress {
+        Progress {
+            remaining: total,
+            ..Progress::default()
+        }
+    }
+
+    /// Records a sub-operation's C-STORE status.
+    pub fn record(&mut self, inst: &Instance, store_status: Option<u16>) {
+        self.remaining = self.remaining.saturating_sub(1);
+        match store_status {
+            Some(0x0000) => self.completed += 1,
+            Some(s) if s == 0x0001 || (0xB000..=0xBFFF).contains(&s) => self.warning += 1,
+            _ => {
+                self.failed += 1;
+                self.failed_uids.push(inst.sop_instance_uid.clone());
+            }
+        }
+    }
+
+    /// Counts every instance not yet sent as failed (the receiving association is gone).
+    pub fn fail_rest(&mut self, rest: &[Instance]) {
+        for inst in rest {
+            self.record(inst, None);
+        }
+    }
+
+    /// The final status: success, cancel, none delivered (A702), or some failed (B000).
+    pub fn final_status(&self) -> u16 {
+        if self.cancelled {
+            status::CANCEL
+        } else if self.failed == 0 && self.warning == 0 {
+            status::SUCCESS
+        } else if self.completed == 0 && self.warning == 0 {
+            status::UNABLE_TO_PERFORM_SUB_OPERATIONS
+        } else {
+            status::SUB_OPERATIONS_WITH_FAILURES
+        }
+    }
+
+    fn with_counts(&self, b: CommandBuilder, remaining: bool) -> CommandBuilder {
+        let b = if remaining {
+            b.u16(
+                elem::NUMBER_OF_REMAINING_SUB_OPERATIONS,
+                count(self.remaining),
+            )
+        } else {
+            b
+        };
+        b.u16(
+            elem::NUMBER_OF_COMPLETED_SUB_OPERATIONS,
+            count(self.completed),
+        )
+        .u16(elem::NUMBER_OF_FAILED_SUB_OPERATIONS, count(self.failed))
+        .u16(elem::NUMBER_OF_WARNING_SUB_OPERATIONS, count(self.warning))
+    }
+
+    pub async fn send_pending<A>(
+        &self,
+        assoc: &mut A,
+        req: &Request,
+        rsp_field: u16,
+    ) -> Result<(), ProtocolError>
+    where
+        A: AsyncAssociation<TcpStream> + Send,
+    {
+        let b = qr::response(req, rsp_field, status::PENDING, false);
+        let command = self.with_counts(b, true).encode();
+        message::send(assoc, req.pc, command, None).await
+    }
+
+    /// The final response; its identifier lists the failed SOP instances when there are any.
+    pub async fn send_final<A>(
+        &self,
+        assoc: &mut A,
+        req: &Request,
+        rsp_field: u16,
+        comment: Option<&str>,
+    ) -> Result<(), ProtocolError>
+    where
+        A: AsyncAssociation<TcpStream> + Send,
+    {
+        let final_status = self.final_status();
+        let data = if self.failed_uids.is_empty() {
+            None
+        } else {
+            let identifier = InMemDicomObject::from_element_iter([DataElement::new(
+                tags::FAILED_SOP_INSTANCE_UID_LIST,
+                VR::UI,
+                PrimitiveValue::Strs(self.failed_uids.iter().cloned().collect()),
+            )]);
+            dataset::encode(&identifier, &req.transfer_syntax).ok()
+        };
+        let mut b = qr::response(req, rsp_field, final_status, data.is_some());
+        b = self.with_counts(b, final_status == status::CANCEL);
+        if let Some(c) = comment {
+            b = b.text(elem::ERROR_COMMENT, c);
+        }
+        message::send(assoc, req.pc, b.encode(), data.as_deref()).await
+    }
+}
+
+/// A final response without sub-operations (refusals).
+pub async fn send_refusal<A>(
+    assoc: &mut A,
+    req: &Request,
+    rsp_field: u16,
+    failure: &Failure,
+) -> Result<(), ProtocolError>
+where
+    A: AsyncAssociation<TcpStream> + Send,
+{
+    tracing::warn!(calling_ae = %req.calling_ae, status = format!("{:04X}", failure.status), comment = %failure.comment, "retrieve refused");
+    let b = qr::response(req, rsp_field, failure.status, false)
+        .text(elem::ERROR_COMMENT, &failure.comment);
+    message::send(assoc, req.pc, b.encode(), None).await
+}
+
+/// Why a sub-operation did not deliver its instance.
+pub enum SubOpError {
+    /// This instance failed; the association can go on.
+    Failed(String),
+    /// The association carrying sub-operations is unusable.
+    Protocol(ProtocolError),
+}
+
+/// A C-MOVE originator to name in sub-operations.
+pub struct Originator<'a> {
+    pub ae_title: &'a str,
+    pub message_id: u16,
+}
+
+/// Sends one instance as a C-STORE sub-operation and waits for its response. While waiting, a
+/// C-CANCEL for `cancel_of` (C-GET: same association) sets `progress.cancelled`.
+#[allow(clippy::too_many_arguments)]
+pub async fn store<A>(
+    assoc: &mut A,
+    inbox: &mut Inbox,
+    ctx: &Context,
+    contexts: &[OutContext],
+    inst: &Instance,
+    message_id: u16,
+    originator: Option<&Originator<'_>>,
+    progress: &mut Progress,
+    cancel_of: Option<u16>,
+) -> Result<u16, SubOpError>
+where
+    A: AsyncAssociation<TcpStream> + Send,
+{
+    let Some(encoding) = choose(contexts, inst) else {
+        return Err(SubOpError::Failed(format!(
+            "no accepted presentation context for {} in {}",
+            inst.sop_class_uid, inst.transfer_syntax_uid
+        )));
+    };
+    let mut b = CommandBuilder::new()
+        .uid(elem::AFFECTED_SOP_CLASS_UID, &inst.sop_class_uid)
+        .u16(elem::COMMAND_FIELD, field::C_STORE_RQ)
+        .u16(elem::MESSAGE_ID, message_id)
+        .u16(elem::PRIORITY, 0)
+        .u16(elem::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+        .uid(elem::AFFECTED_SOP_INSTANCE_UID, &inst.sop_instance_uid);
+    if let Some(o) = originator {
+        b = b
+            .text(elem::MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE, o.ae_title)
+            .u16(elem::MOVE_ORIGINATOR_MESSAGE_ID, o.message_id);
+    }
+    let command = b.encode();
+    let store = ctx.store.as_ref();
+    let storage = |e: crate::storage::StorageError| SubOpError::Failed(e.to_string());
+    match encoding {
+        Encoding::AsStored(pc) => {
+            let head = store
+                .get_range(&inst.storage_key, 0, inst.size_bytes.min(META_READ))
+                .await
+                .map_err(storage)?;
+            let (dataset_start, _) = read_meta_extent(&mut Cursor::new(&head[..]))
+                .map_err(|e| SubOpError::Failed(e.to_string()))?;
+            let (_, stream) = store.get(&inst.storage_key).await.map_err(storage)?;
+            let write_timeout = Duration::from_secs(ctx.config.write_timeout_secs);
+            message::send_streamed(
+                assoc,
+                pc,
+                command,
+                stream,
+                dataset_start as usize,
+                write_timeout,
+            )
+            .await
+            .map_err(SubOpError::Protocol)?;
+        }
+        Encoding::Reencoded(pc, ts) => {
+            let bytes = read_all(store, &inst.storage_key).await.map_err(storage)?;
+            let ts = ts.to_string();
+            let data = tokio::task::spawn_blocking(move || transcode::to_dataset(&bytes, &ts))
+                .await
+                .map_err(|e| SubOpError::Failed(e.to_string()))?
+                .map_err(|e| SubOpError::Failed(e.to_string()))?;
+            message::send(assoc, pc, command, Some(&data))
+                .await
+                .map_err(SubOpError::Protocol)?;
+        }
+    }
+    let timeout = Duration::from_secs(ctx.config.read_timeout_secs);
+    loop {
+        let pdu = message::receive(assoc, timeout)
+            .await
+            .map_err(SubOpError::Protocol)?;
+        for (_, cmd) in inbox.feed(pdu).map_err(SubOpError::Protocol)? {
+            match cmd.command_field() {
+                Ok(field::C_STORE_RSP)
+                    if cmd.u16(elem::MESSAGE_ID_BEING_RESPONDED_TO).ok() == Some(message_id) =>
+                {
+                    return Ok(cmd.u16(elem::STATUS).unwrap_or(0xC000));
+                }
+                _ => match cancel_of {
+                    Some(id) => {
+                        progress.cancelled |=
+                            message::is_cancel_of(&cmd, id).map_err(SubOpError::Protocol)?
+                    }
+                    None => {
+                        return Err(SubOpError::Protocol(ProtocolError::Violation(
+                            "unexpected command instead of a C-STORE response".into(),
+                        )))
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Decodes the identifier and finds its instances, or says why not.
+pub async fn resolve(ctx: &Context, req: &Request, model: Model) -> Result<Vec<Instance>, Failure> {
+    let identifier = dataset::decode(&req.identifier, &req.transfer_syntax)
+        .map_err(|e| Failure::new(status::UNABLE_TO_PROCESS, format!("identifier: {e}")))?;
+    matching_instances(ctx, model, &identifier).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(class: &str, ts: &str) -> Instance {
+        Instance {
+            sop_class_uid: class.into(),
+            sop_instance_uid: "1.2.3".into(),
+            transfer_syntax_uid: ts.into(),
+            storage_key: "k".into(),
+            size_bytes: 10,
+        }
+    }
+
+    fn ctx(id: u8, class: &str, ts: &str) -> OutContext {
+        OutContext {
+            id,
+            abstract_syntax: class.into(),
+            transfer_syntax: ts.into(),
+        }
+    }
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const JPEG: &str = "1.2.840.10008.1.2.4.50";
+    const BE: &str = "1.2.840.10008.1.2.2";
+
+    #[test]
+    fn stored_syntax_first_then_native_fallback_and_compressed_fails() {
+        let contexts = [ctx(1, CT, JPEG), ctx(3, CT, IMPLICIT_VR_LE)];
+        assert_eq!(
+            choose(&contexts, &inst(CT, JPEG)),
+            Some(Encoding::AsStored(1))
+        );
+        assert_eq!(
+            choose(&contexts, &inst(CT, BE)),
+            Some(Encoding::Reencoded(3, IMPLICIT_VR_LE))
+        );
+        assert_eq!(choose(&contexts[..1], &inst(CT, BE)), None);
+        assert_eq!(choose(&contexts[1..], &inst(CT, JPEG)), None);
+    }
+
+    #[test]
+    fn proposed_contexts_are_distinct_pairs_with_one_fallback_per_class() {
+        let list = [
+            inst(CT, JPEG),
+            inst(CT, JPEG),
+            inst(CT, BE),
+            inst(CT, EXPLICIT_VR_LE),
+        ];
+        let pcs = proposed_contexts(&list);
+        assert_eq!(pcs.len(), 4); // JPEG, BE, fallback, Explicit LE
+        assert!(pcs.iter().all(|(c, _)| c == CT));
+    }
+
+    #[test]
+    fn final_status_follows_the_counts() {
+        let i = inst(CT, JPEG);
+        let mut p = Progress::new(2);
+        assert_eq!(p.final_status(), status::SUCCESS);
+        p.record(&i, None);
+        assert_eq!(p.final_status(), status::UNABLE_TO_PERFORM_SUB_OPERATIONS);
+        p.record(&i, Some(0));
+        assert_eq!(p.final_status(), status::SUB_OPERATIONS_WITH_FAILURES);
+        assert_eq!((p.remaining, p.completed, p.failed), (0, 1, 1));
+        assert_eq!(p.failed_uids, vec!["1.2.3".to_string()]);
+        p.cancelled = true;
+        assert_eq!(p.final_status(), status::CANCEL);
+    }
+}
