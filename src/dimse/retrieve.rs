@@ -13,7 +13,7 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_ul::association::AsyncAssociation;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use sqlx::Row;
 use tokio::net::TcpStream;
 
@@ -26,8 +26,28 @@ use crate::ingest::layout::read_meta_extent;
 use crate::model::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 use crate::storage::read_all;
 
-/// The file meta group of a stored object is read from this many bytes at most.
-const META_READ: u64 = 16 * 1024;
+/// The file meta group of a stored object is looked for in this many leading bytes at most.
+const META_READ: usize = 16 * 1024;
+
+/// Reads the leading bytes of a stored object's stream until its file meta group can be measured,
+/// and returns the stream (those bytes put back in front) with the offset of the data set: one
+/// storage read per sub-operation, not a ranged read of the header and then the object.
+async fn split_file_meta(
+    mut stream: crate::storage::ByteStream,
+) -> Result<(crate::storage::ByteStream, usize), SubOpError> {
+    let failed = |e: &dyn std::fmt::Display| SubOpError::Failed(e.to_string());
+    let mut head = Vec::with_capacity(META_READ);
+    while head.len() < META_READ {
+        match stream.try_next().await.map_err(|e| failed(&e))? {
+            Some(chunk) => head.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    let (dataset_start, _) =
+        read_meta_extent(&mut Cursor::new(&head[..])).map_err(|e| failed(&e))?;
+    let head = futures::stream::once(async move { Ok(bytes::Bytes::from(head)) });
+    Ok((Box::pin(head.chain(stream)), dataset_start as usize))
+}
 
 /// An instance to send, as the index knows it.
 #[derive(Debug, Clone)]
@@ -36,7 +56,6 @@ pub struct Instance {
     pub sop_instance_uid: String,
     pub transfer_syntax_uid: String,
     pub storage_key: String,
-    pub size_bytes: u64,
 }
 
 /// The instances an identifier names: every key goes through the matching engine, and the unique
@@ -70,8 +89,7 @@ pub async fn matching_instances(
     qr::add_keys(&mut query, identifier, |_| true)?;
     let (where_sql, args) = query.where_sql();
     let sql = format!(
-        "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key,
-                i.size_bytes
+        "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key
          {} {where_sql}
          ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
         Level::Instance.from_sql()
@@ -84,7 +102,6 @@ pub async fn matching_instances(
                 sop_instance_uid: r.get(1),
                 transfer_syntax_uid: r.get(2),
                 storage_key: r.get(3),
-                size_bytes: r.get::<i64, _>(4) as u64,
             })
             .try_collect()
             .await;
@@ -343,24 +360,12 @@ where
     let storage = |e: crate::storage::StorageError| SubOpError::Failed(e.to_string());
     match encoding {
         Encoding::AsStored(pc) => {
-            let head = store
-                .get_range(&inst.storage_key, 0, inst.size_bytes.min(META_READ))
-                .await
-                .map_err(storage)?;
-            let (dataset_start, _) = read_meta_extent(&mut Cursor::new(&head[..]))
-                .map_err(|e| SubOpError::Failed(e.to_string()))?;
             let (_, stream) = store.get(&inst.storage_key).await.map_err(storage)?;
+            let (stream, dataset_start) = split_file_meta(stream).await?;
             let write_timeout = Duration::from_secs(ctx.config.write_timeout_secs);
-            message::send_streamed(
-                assoc,
-                pc,
-                command,
-                stream,
-                dataset_start as usize,
-                write_timeout,
-            )
-            .await
-            .map_err(SubOpError::Protocol)?;
+            message::send_streamed(assoc, pc, command, stream, dataset_start, write_timeout)
+                .await
+                .map_err(SubOpError::Protocol)?;
         }
         Encoding::Reencoded(pc, ts) => {
             let bytes = read_all(store, &inst.storage_key).await.map_err(storage)?;
@@ -419,7 +424,6 @@ mod tests {
             sop_instance_uid: "1.2.3".into(),
             transfer_syntax_uid: ts.into(),
             storage_key: "k".into(),
-            size_bytes: 10,
         }
     }
 
