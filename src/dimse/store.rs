@@ -110,7 +110,7 @@ impl PendingStore {
             .implementation_version_name(crate::IMPLEMENTATION_VERSION_NAME)
             .build();
         let spool = match meta {
-            Ok(meta) => SpoolWriter::create_part10(ctx.ingestor.spool_dir(), &meta).await,
+            Ok(meta) => SpoolWriter::create_part10(ctx.ingestor.spool(), &meta).await,
             Err(e) => Err(std::io::Error::other(e)),
         };
         match spool {

@@ -85,19 +85,19 @@ impl Index {
                 std::fs::create_dir_all(dir)?;
             }
         }
-        let write_pool = SqlitePoolOptions::new()
+        // The schema is created and migrated through sqlx; the writer then has the file to itself.
+        let migrator = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations").run(&write_pool).await?;
+        sqlx::migrate!("./migrations").run(&migrator).await?;
+        migrator.close().await;
+        let writer = writer::WriterHandle::spawn(options.get_filename())?;
         let read = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Index {
-            read,
-            writer: writer::WriterHandle::spawn(write_pool),
-        })
+        Ok(Index { read, writer })
     }
 
     pub fn read_pool(&self) -> &SqlitePool {

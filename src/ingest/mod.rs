@@ -30,7 +30,7 @@ use extract::{build_record, geometry, object_uids, ObjectUids};
 use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
 
 pub use delete::Removal;
-pub use spool::{SpoolWriter, Spooled};
+pub use spool::{SpoolFiles, SpoolWriter, Spooled};
 
 /// What the sender said the object is (from the C-STORE command), checked against the dataset.
 #[derive(Debug, Clone)]
@@ -67,7 +67,13 @@ pub struct Ingestor {
     store: Arc<dyn ObjectStore>,
     index: Index,
     on_duplicate: DuplicatePolicy,
-    spool_dir: PathBuf,
+    spool: Arc<SpoolFiles>,
+}
+
+/// A spooled object, with its data being written back to disk when the store wants that.
+enum WriteBack {
+    NotNeeded(Spooled),
+    Running(tokio::task::JoinHandle<(Spooled, std::io::Result<()>)>),
 }
 
 /// The result of parsing a spooled object, before anything is stored.
@@ -83,17 +89,17 @@ impl Ingestor {
         on_duplicate: DuplicatePolicy,
         spool_dir: PathBuf,
     ) -> std::io::Result<Ingestor> {
-        std::fs::create_dir_all(&spool_dir)?;
         Ok(Ingestor {
             store,
             index,
             on_duplicate,
-            spool_dir,
+            spool: SpoolFiles::new(&spool_dir)?,
         })
     }
 
-    pub fn spool_dir(&self) -> &Path {
-        &self.spool_dir
+    /// Where incoming objects are spooled.
+    pub fn spool(&self) -> &SpoolFiles {
+        &self.spool
     }
 
     /// Parses, stores and indexes a spooled object; success means durable and indexed.
@@ -117,18 +123,17 @@ impl Ingestor {
                 )
             })
         });
-        // A store that moves the spool file into place gets its data written to disk while the
-        // header is parsed. That is awaited only once the object is known to be stored: a refused
-        // object or a resent duplicate does not wait for it.
-        let write_back = self.store.moves_source_file();
-        let write_back = tokio::task::spawn_blocking(move || {
-            let written = if write_back {
-                spooled.write_back()
-            } else {
-                Ok(())
-            };
-            (spooled, written)
-        });
+        // A store that flushes the moved file itself gets its data written to disk while the header
+        // is parsed. That is awaited only once the object is known to be stored: a refused object
+        // or a resent duplicate does not wait for it.
+        let spooled = if self.store.wants_write_back(size) {
+            WriteBack::Running(tokio::task::spawn_blocking(move || {
+                let written = spooled.write_back();
+                (spooled, written)
+            }))
+        } else {
+            WriteBack::NotNeeded(spooled)
+        };
         let parsed = match self.check(parse, expected).await {
             Ok(Some(parsed)) => parsed,
             refused_or_duplicate => {
@@ -138,11 +143,17 @@ impl Ingestor {
                 return refused_or_duplicate.map(|_| Outcome::DuplicateKept);
             }
         };
-        let (spooled, written) = write_back.await.expect("write-back task panicked");
-        written.map_err(|e| StorageError::Io {
-            key: "spool".into(),
-            source: e,
-        })?;
+        let spooled = match spooled {
+            WriteBack::NotNeeded(spooled) => spooled,
+            WriteBack::Running(task) => {
+                let (spooled, written) = task.await.expect("write-back task panicked");
+                written.map_err(|e| StorageError::Io {
+                    key: "spool".into(),
+                    source: e,
+                })?;
+                spooled
+            }
+        };
 
         let key = parsed.record.instance.storage_key.clone();
         spooled.store_into(self.store.as_ref(), &key).await?;
@@ -205,7 +216,7 @@ impl Ingestor {
             key: key.to_string(),
             source,
         };
-        let mut spool = SpoolWriter::create_raw(&self.spool_dir).await.map_err(io)?;
+        let mut spool = SpoolWriter::create_raw(&self.spool).await.map_err(io)?;
         let (_, mut stream) = self.store.get(key).await?;
         while let Some(chunk) = stream.try_next().await.map_err(io)? {
             spool.write(&chunk).await.map_err(io)?;

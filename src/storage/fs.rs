@@ -1,13 +1,12 @@
 //! Filesystem backend: one file per object under a root directory.
 //!
-//! Durability: `put_file` renames the spooled file into place (atomic on one filesystem), then
-//! flushes the file's data and the directories it changed. Renaming before the flush lets one
-//! journal commit carry both the data's block allocation and the new name (ingest has already
-//! written the data back, see `Spooled::write_back`), so an object costs one disk flush, not two. A
-//! crash before `put_file` returns can leave the object under its key unflushed; it was never
-//! acknowledged and has no index row, and start-up reconcile indexes it if it is whole or reports it.
-//! (`syncfs` would cover everything in one call, but it also flushes whatever else is dirty on the
-//! filesystem, which makes ingest latency depend on unrelated writers.)
+//! Durability: objects up to [`wal::MAX_RECORD_DATA`] are made durable by the write-ahead log
+//! (`<root>/.wal`, see [`super::wal`]): one append and one data flush, shared by whatever else is
+//! being stored at the same moment, then an unflushed rename into place. Larger objects are renamed
+//! into place and flushed themselves (data and directory); ingest has already written their data back
+//! (`Spooled::write_back`), so that flush only commits the journal. A crash before `put_file`
+//! returns can leave an unacknowledged object under its key; it has no index row, and start-up
+//! reconcile indexes it if it is whole or reports it.
 
 use std::io::SeekFrom;
 use std::path::{Component, Path, PathBuf};
@@ -18,27 +17,67 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
+use super::wal::{self, Wal};
 use super::{ByteStream, KeyStream, ObjectStore, StorageError};
 
 pub struct FsStore {
     root: PathBuf,
+    wal: Wal,
+}
+
+/// The path of `key` under `root`; a key is relative and cannot climb out of the root.
+pub(super) fn key_path(root: &Path, key: &str) -> Result<PathBuf, StorageError> {
+    let rel = Path::new(key);
+    let safe = !key.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    if !safe {
+        return Err(StorageError::InvalidKey(key.to_string()));
+    }
+    Ok(root.join(rel))
 }
 
 impl FsStore {
+    /// Opens (creating) the store at `root`, replaying its write-ahead log first (blocking).
     pub fn open(root: &Path) -> std::io::Result<FsStore> {
         std::fs::create_dir_all(root)?;
-        Ok(FsStore {
-            root: root.canonicalize()?,
-        })
+        let root = root.canonicalize()?;
+        let wal = Wal::open(&root.join(".wal"), &root)?;
+        Ok(FsStore { root, wal })
     }
 
     fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
-        let rel = Path::new(key);
-        let safe = !key.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
-        if !safe {
-            return Err(StorageError::InvalidKey(key.to_string()));
+        key_path(&self.root, key)
+    }
+
+    /// The path for objects too large for the log: rename into place, then flush data and directory.
+    async fn put_flushed(
+        &self,
+        key: &str,
+        dest: PathBuf,
+        src: PathBuf,
+    ) -> Result<(), StorageError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            create_parents_durably(&root, &dest)?;
+            move_file(&src, &dest)?;
+            std::fs::File::open(&dest)?.sync_data()?;
+            sync_dir(dest.parent().expect("object path has a parent"))
+        })
+        .await
+        .expect("blocking storage task panicked")
+        .map_err(|e| StorageError::io(key, e))
+    }
+}
+
+/// Renames `src` to `dest`, or copies it when the spool is on another file system.
+pub(super) fn move_file(src: &Path, dest: &Path) -> std::io::Result<()> {
+    match std::fs::rename(src, dest) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let tmp = dest.with_extension("partial");
+            std::fs::copy(src, &tmp)?;
+            std::fs::rename(&tmp, dest)?;
+            std::fs::remove_file(src)
         }
-        Ok(self.root.join(rel))
+        other => other,
     }
 }
 
@@ -69,26 +108,21 @@ fn create_parents_durably(root: &Path, path: &Path) -> std::io::Result<()> {
 impl ObjectStore for FsStore {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
         let dest = self.path_of(key)?;
-        let root = self.root.clone();
-        let src = src.to_path_buf();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            create_parents_durably(&root, &dest)?;
-            if let Err(e) = std::fs::rename(&src, &dest) {
-                // Spool on another filesystem: copy, then rename within the destination.
-                if e.raw_os_error() != Some(libc::EXDEV) {
-                    return Err(e);
-                }
-                let tmp = dest.with_extension("partial");
-                std::fs::copy(&src, &tmp)?;
-                std::fs::rename(&tmp, &dest)?;
-                std::fs::remove_file(&src)?;
-            }
-            std::fs::File::open(&dest)?.sync_data()?;
-            sync_dir(dest.parent().expect("object path has a parent"))
-        })
-        .await
-        .expect("blocking storage task panicked")
-        .map_err(|e| StorageError::io(key, e))
+        let size = tokio::fs::metadata(src)
+            .await
+            .map_err(|e| StorageError::io(key, e))?
+            .len();
+        if size > wal::MAX_RECORD_DATA {
+            return self.put_flushed(key, dest, src.to_path_buf()).await;
+        }
+        self.wal
+            .put(key, src, &dest)
+            .await
+            .map_err(|e| StorageError::io(key, e))
+    }
+
+    fn wants_write_back(&self, size: u64) -> bool {
+        size > wal::MAX_RECORD_DATA
     }
 
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError> {
@@ -122,11 +156,10 @@ impl ObjectStore for FsStore {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path_of(key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StorageError::io(key, e)),
-        }
+        self.wal
+            .delete(key, &path)
+            .await
+            .map_err(|e| StorageError::io(key, e))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {
@@ -151,6 +184,9 @@ impl ObjectStore for FsStore {
                 };
                 for entry in entries.flatten() {
                     let path = entry.path();
+                    if entry.file_name().to_string_lossy().starts_with('.') {
+                        continue; // the write-ahead log, the health probe
+                    }
                     if path.is_dir() {
                         stack.push(path);
                     } else if path.extension().is_some_and(|e| e == "dcm") {
@@ -192,7 +228,7 @@ mod tests {
     use super::*;
     use futures::TryStreamExt;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn put_get_range_list_delete_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(&dir.path().join("objects")).unwrap();
@@ -217,7 +253,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn keys_cannot_escape_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();

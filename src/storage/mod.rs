@@ -12,6 +12,7 @@
 
 mod fs;
 mod s3;
+mod wal;
 
 use std::path::Path;
 use std::pin::Pin;
@@ -74,10 +75,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Stores the content of the local file `src` under `key`, replacing any object there, and
     /// returns once it is durable. `src` is consumed (moved or deleted).
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError>;
-    /// Whether `put_file` moves the source file into place (ingest then writes its data back to disk
-    /// while it parses, see `Spooled::write_back`); a backend that uploads it does not need that.
-    fn moves_source_file(&self) -> bool {
-        true
+    /// Whether ingest should write a spooled object of `size` bytes back to disk while it parses
+    /// (`Spooled::write_back`): worth it only where `put_file` moves the file into place and flushes
+    /// it itself.
+    fn wants_write_back(&self, _size: u64) -> bool {
+        false
     }
     /// Streams the whole object.
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError>;

@@ -319,11 +319,6 @@ impl ObjectStore for S3Store {
             .map_err(|e| StorageError::io(key, e))
     }
 
-    /// The upload reads the spool file back (from the page cache) and the bucket makes it durable.
-    fn moves_source_file(&self) -> bool {
-        false
-    }
-
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError> {
         let s3_key = self.s3_key(key)?;
         let out = self

@@ -218,16 +218,22 @@ class Gateway:
 
     def data_files(self) -> set[Path]:
         """Every regular file under the data directory (objects, spool, anything else) except the SQLite
-        index and its journal files: what a refused or interrupted C-STORE must not add to."""
+        index and its journal files, and the empty spool files the gateway creates ahead of need: what a
+        refused or interrupted C-STORE must not add to. (The storage write-ahead log's segments are
+        allocated at start, so they never appear as added files.)"""
         if not self.data_dir.exists():
             return set()
         index_files = {self.index_path.name + suffix for suffix in ("", "-wal", "-shm", "-journal")}
-        return {p for p in self.data_dir.rglob("*") if p.is_file() and p.name not in index_files}
+        return {p for p in self.data_dir.rglob("*")
+                if p.is_file() and p.name not in index_files
+                and not (p.suffix == ".part" and p.stat().st_size == 0)}
 
     def files_mentioning(self, text: str) -> list[Path]:
-        """Files under the data directory (index excluded) whose bytes contain `text` (e.g. a UID)."""
+        """Files under the data directory (index excluded) whose bytes contain `text` (e.g. a UID). The
+        storage write-ahead log is left out: it holds every recently stored object (and deletion) by
+        design until its segment is reused."""
         needle = text.encode()
-        return [p for p in self.data_files() if needle in p.read_bytes()]
+        return [p for p in self.data_files() if ".wal" not in p.parts and needle in p.read_bytes()]
 
     def __repr__(self) -> str:
         return f"<Gateway dimse={self.dimse_port} http={self.http_port} dir={self.workdir}>"
