@@ -17,6 +17,7 @@ Phases per server:
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as _dt
 import http.client
 import json
@@ -570,10 +571,25 @@ class Server:
             self._logf = None
 
     def cleanup(self, keep: bool) -> None:
+        """Schedules the work dir for deletion at the end of the run (see `remove_work_dirs`)."""
         if keep:
             log(f"kept {self.name} work dir {self.workdir}")
         else:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            WORK_DIRS_TO_REMOVE.append(self.workdir)
+
+
+# Servers' work dirs are deleted only once every server has run. Deleting tens of thousands of files
+# makes file creation on the same file system slower for minutes afterwards (ext4 without a journal,
+# as on these VMs, skips inodes freed in the last 60-360 s when it allocates one: `recently_deleted`
+# in fs/ext4/ialloc.c), so the server after a cleanup would pay for the previous server's data.
+WORK_DIRS_TO_REMOVE: list = []
+
+
+@atexit.register
+def remove_work_dirs() -> None:
+    for d in WORK_DIRS_TO_REMOVE:
+        shutil.rmtree(d, ignore_errors=True)
+    WORK_DIRS_TO_REMOVE.clear()
 
     # ---- counting what was stored (for verification)
     def stored_instances(self) -> int | None:
@@ -1577,6 +1593,7 @@ def main() -> int:
             meta["orthanc_version"] = results[kind]["version"]
 
     meta["load_end"] = os.getloadavg()
+    remove_work_dirs()
     report = build_report(results, m, prof, queries, args, meta)
     report += f"\nTotal bench time: {time.monotonic() - t_start:.0f}s\n"
     print(report)

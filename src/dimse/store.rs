@@ -186,14 +186,7 @@ impl PendingStore {
 }
 
 async fn ingest(ctx: &Context, spool: SpoolWriter, expected: &Expected) -> Reply {
-    let spooled = match spool.finish().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "spool flush failed");
-            return Reply::failure(status::OUT_OF_RESOURCES, "cannot spool the object");
-        }
-    };
-    match ctx.ingestor.ingest(spooled, Some(expected)).await {
+    match ctx.ingestor.ingest(spool.finish(), Some(expected)).await {
         Ok(Outcome::Stored | Outcome::DuplicateKept | Outcome::Replaced) => Reply {
             status: status::SUCCESS,
             comment: None,

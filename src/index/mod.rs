@@ -62,6 +62,13 @@ pub fn bind_args<'q>(
 pub struct Index {
     read: SqlitePool,
     writer: writer::WriterHandle,
+    path: std::sync::Arc<std::path::PathBuf>,
+}
+
+thread_local! {
+    /// A read-only connection per blocking thread, for lookups made from blocking code.
+    static BLOCKING_READER: std::cell::RefCell<Option<(std::path::PathBuf, rusqlite::Connection)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl Index {
@@ -93,11 +100,12 @@ impl Index {
         sqlx::migrate!("./migrations").run(&migrator).await?;
         migrator.close().await;
         let writer = writer::WriterHandle::spawn(options.get_filename())?;
+        let path = std::sync::Arc::new(options.get_filename().to_path_buf());
         let read = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Index { read, writer })
+        Ok(Index { read, writer, path })
     }
 
     pub fn read_pool(&self) -> &SqlitePool {
@@ -126,12 +134,28 @@ impl Index {
             .await
     }
 
-    pub async fn instance_exists(&self, sop_instance_uid: &str) -> sqlx::Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM instances WHERE sop_instance_uid = ?")
-            .bind(sop_instance_uid)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.is_some())
+    /// Whether an instance is indexed, from blocking code (ingest's parse task): a query on this
+    /// thread's own read-only connection instead of two hand-offs to sqlx's worker thread.
+    pub fn instance_exists_blocking(&self, sop_instance_uid: &str) -> rusqlite::Result<bool> {
+        use rusqlite::OptionalExtension;
+        BLOCKING_READER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(p, _)| p != self.path.as_path()) {
+                let conn = rusqlite::Connection::open_with_flags(
+                    self.path.as_path(),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(Duration::from_secs(30))?;
+                *slot = Some((self.path.as_ref().clone(), conn));
+            }
+            let (_, conn) = slot.as_ref().expect("connection just opened");
+            let found = conn
+                .prepare_cached("SELECT 1 FROM instances WHERE sop_instance_uid = ?")?
+                .query_row([sop_instance_uid], |_| Ok(()))
+                .optional()?;
+            Ok(found.is_some())
+        })
     }
 
     pub async fn health(&self) -> sqlx::Result<()> {

@@ -70,12 +70,6 @@ pub struct Ingestor {
     spool: Arc<SpoolFiles>,
 }
 
-/// A spooled object, with its data being written back to disk when the store wants that.
-enum WriteBack {
-    NotNeeded(Spooled),
-    Running(tokio::task::JoinHandle<(Spooled, std::io::Result<()>)>),
-}
-
 /// The result of parsing a spooled object, before anything is stored.
 struct Parsed {
     uids: ObjectUids,
@@ -109,51 +103,52 @@ impl Ingestor {
         spooled: Spooled,
         expected: Option<&Expected>,
     ) -> Result<Outcome, IngestError> {
-        let path = spooled.path().to_path_buf();
-        let spool_path = path.clone();
         let size = spooled.size();
         let key_suffix = unique_suffix();
-        let parse = tokio::task::spawn_blocking(move || {
-            parse(&path, size, |uids| {
-                instance_key(
-                    &uids.study_uid,
-                    &uids.series_uid,
-                    &uids.sop_instance_uid,
-                    &key_suffix,
-                )
-            })
+        let write_back = self.store.wants_write_back(size);
+        let lookup = (self.on_duplicate == DuplicatePolicy::KeepFirst).then(|| self.index.clone());
+        // One blocking task: the spool file's last bytes are written, the header parsed, the SOP
+        // Instance UID looked up (keep_first), and, for a store that flushes the moved file itself,
+        // the data written back to disk. Each hand-off between threads costs a wake-up on the
+        // critical path of a C-STORE.
+        let job = tokio::task::spawn_blocking(move || {
+            let mut spooled = spooled;
+            let parsed = spooled.write_tail().map_err(spool_error).and_then(|()| {
+                parse(spooled.path(), size, |uids| {
+                    instance_key(
+                        &uids.study_uid,
+                        &uids.series_uid,
+                        &uids.sop_instance_uid,
+                        &key_suffix,
+                    )
+                })
+            });
+            let duplicate = match (&parsed, lookup) {
+                (Ok(p), Some(index)) => index
+                    .instance_exists_blocking(&p.uids.sop_instance_uid)
+                    .map_err(|e| IngestError::Index(e.into())),
+                _ => Ok(false),
+            };
+            let written = match (&parsed, &duplicate) {
+                (Ok(_), Ok(false)) if write_back => spooled.write_back(),
+                _ => Ok(()),
+            };
+            (
+                spooled,
+                parsed.and_then(|p| duplicate.map(|d| (p, d))),
+                written,
+            )
         });
-        // A store that flushes the moved file itself gets its data written to disk while the header
-        // is parsed. That is awaited only once the object is known to be stored: a refused object
-        // or a resent duplicate does not wait for it.
-        let spooled = if self.store.wants_write_back(size) {
-            WriteBack::Running(tokio::task::spawn_blocking(move || {
-                let written = spooled.write_back();
-                (spooled, written)
-            }))
-        } else {
-            WriteBack::NotNeeded(spooled)
-        };
-        let parsed = match self.check(parse, expected).await {
-            Ok(Some(parsed)) => parsed,
-            refused_or_duplicate => {
-                // The spool file goes now, not when the write-back task drops it: a sender that
-                // was refused must not find its object still on disk.
-                let _ = tokio::fs::remove_file(&spool_path).await;
-                return refused_or_duplicate.map(|_| Outcome::DuplicateKept);
-            }
-        };
-        let spooled = match spooled {
-            WriteBack::NotNeeded(spooled) => spooled,
-            WriteBack::Running(task) => {
-                let (spooled, written) = task.await.expect("write-back task panicked");
-                written.map_err(|e| StorageError::Io {
-                    key: "spool".into(),
-                    source: e,
-                })?;
-                spooled
-            }
-        };
+        let (spooled, parsed, written) = job.await.expect("parse task panicked");
+        let (parsed, duplicate) = parsed?;
+        if let Some(exp) = expected {
+            check_expected(&parsed.uids, exp)?;
+        }
+        if duplicate {
+            // The resent copy's spool file is removed (dropped) before the answer.
+            return Ok(Outcome::DuplicateKept);
+        }
+        written.map_err(spool_error)?;
 
         let key = parsed.record.instance.storage_key.clone();
         spooled.store_into(self.store.as_ref(), &key).await?;
@@ -175,39 +170,6 @@ impl Ingestor {
         }
     }
 
-    /// Waits for the header parse and decides whether the object is to be stored: `None` for a
-    /// resent instance under keep_first. The sender's SOP Instance UID is looked up while the header
-    /// is parsed; `check_expected` then ties it to the data set's.
-    async fn check(
-        &self,
-        parse: tokio::task::JoinHandle<Result<Parsed, IngestError>>,
-        expected: Option<&Expected>,
-    ) -> Result<Option<Parsed>, IngestError> {
-        let keep_first = self.on_duplicate == DuplicatePolicy::KeepFirst;
-        let claimed_uid = expected.map(|e| e.sop_instance_uid.trim_end_matches(['\0', ' ']));
-        let early_lookup = async {
-            match claimed_uid {
-                Some(uid) if keep_first => Some(self.index.instance_exists(uid).await),
-                _ => None,
-            }
-        };
-        let (parsed, early) = tokio::join!(parse, early_lookup);
-        let parsed = parsed.expect("parse task panicked")?;
-        if let Some(exp) = expected {
-            check_expected(&parsed.uids, exp)?;
-        }
-        let duplicate = match early {
-            Some(found) => found,
-            None if keep_first => {
-                self.index
-                    .instance_exists(&parsed.uids.sop_instance_uid)
-                    .await
-            }
-            None => Ok(false),
-        };
-        Ok((!duplicate.map_err(WriteError::from)?).then_some(parsed))
-    }
-
     /// Indexes an object already in storage under `key` (recovery after a crash between storing
     /// and indexing, or rebuilding the index). A copy whose UID is indexed elsewhere is deleted.
     pub async fn index_stored_object(&self, key: &str) -> Result<Outcome, IngestError> {
@@ -221,13 +183,14 @@ impl Ingestor {
         while let Some(chunk) = stream.try_next().await.map_err(io)? {
             spool.write(&chunk).await.map_err(io)?;
         }
-        let spooled = spool.finish().await.map_err(io)?;
-        let path = spooled.path().to_path_buf();
-        let size = spooled.size();
+        let mut spooled = spool.finish();
         let owned_key = key.to_string();
-        let parsed = tokio::task::spawn_blocking(move || parse(&path, size, |_| owned_key))
-            .await
-            .expect("parse task panicked")?;
+        let parsed = tokio::task::spawn_blocking(move || {
+            spooled.write_tail().map_err(spool_error)?;
+            parse(spooled.path(), spooled.size(), |_| owned_key)
+        })
+        .await
+        .expect("parse task panicked")?;
         match self.index.insert(parsed.record, false).await? {
             InsertOutcome::Duplicate => {
                 self.delete_quietly(key).await;
@@ -261,6 +224,13 @@ fn check_expected(uids: &ObjectUids, exp: &Expected) -> Result<(), IngestError> 
 }
 
 /// Reads the header of a spooled Part-10 file and builds its index record (blocking).
+fn spool_error(source: std::io::Error) -> IngestError {
+    IngestError::Storage(StorageError::Io {
+        key: "spool".into(),
+        source,
+    })
+}
+
 fn parse(
     path: &Path,
     size: u64,

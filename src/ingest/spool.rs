@@ -7,22 +7,28 @@ use std::sync::{Arc, Mutex};
 
 use dicom_object::FileMetaTable;
 use tempfile::TempPath;
-use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::Notify;
 
 use crate::storage::{ObjectStore, StorageError};
 
 pub struct SpoolWriter {
-    file: BufWriter<tokio::fs::File>,
+    /// None while a full buffer is being written by a blocking task.
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
     path: TempPath,
     size: u64,
 }
 
-/// A complete spool file, flushed to the OS (not yet durable: the store makes it so).
+/// Bytes buffered before they are written: a small object is written once, with its last bytes, by
+/// ingest's parse task ([`Spooled::write_tail`]).
+const BUFFER: usize = 256 * 1024;
+
+/// A complete spool file, except maybe its last bytes (not yet durable: the store makes it so).
 pub struct Spooled {
     path: TempPath,
     size: u64,
     file: std::fs::File,
+    tail: Vec<u8>,
 }
 
 /// Spool files created ahead of need. Creating a file is a file-system journal operation that
@@ -103,7 +109,8 @@ impl SpoolWriter {
     pub async fn create_raw(files: &SpoolFiles) -> std::io::Result<SpoolWriter> {
         let (file, path) = files.take().await?;
         Ok(SpoolWriter {
-            file: BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file)),
+            file: Some(file),
+            buf: Vec::with_capacity(BUFFER),
             path,
             size: 0,
         })
@@ -125,8 +132,19 @@ impl SpoolWriter {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(bytes).await?;
+        self.buf.extend_from_slice(bytes);
         self.size += bytes.len() as u64;
+        if self.buf.len() >= BUFFER {
+            let mut file = self.file.take().expect("spool file present between writes");
+            let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER));
+            let file = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                file.write_all(&buf).map(|()| file)
+            })
+            .await
+            .expect("spool write task panicked")?;
+            self.file = Some(file);
+        }
         Ok(())
     }
 
@@ -135,15 +153,14 @@ impl SpoolWriter {
         self.size
     }
 
-    /// Flushes the file to the OS (not yet to disk: see [`Spooled::write_back`]).
-    pub async fn finish(mut self) -> std::io::Result<Spooled> {
-        self.file.flush().await?;
-        let file = self.file.into_inner().into_std().await;
-        Ok(Spooled {
+    /// The spool file with its unwritten last bytes (see [`Spooled::write_tail`]).
+    pub fn finish(self) -> Spooled {
+        Spooled {
             path: self.path,
             size: self.size,
-            file,
-        })
+            file: self.file.expect("spool file present between writes"),
+            tail: self.buf,
+        }
     }
 }
 
@@ -154,6 +171,13 @@ impl Spooled {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Writes the bytes still buffered (blocking); needed before the file is read or stored.
+    pub fn write_tail(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        let tail = std::mem::take(&mut self.tail);
+        self.file.write_all(&tail)
     }
 
     /// Writes the file's data to the disk without flushing the disk's cache or committing the

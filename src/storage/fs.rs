@@ -108,8 +108,8 @@ fn create_parents_durably(root: &Path, path: &Path) -> std::io::Result<()> {
 impl ObjectStore for FsStore {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
         let dest = self.path_of(key)?;
-        let size = tokio::fs::metadata(src)
-            .await
+        // A stat of a file just written (inline: cheaper than a hand-off to a blocking thread).
+        let size = std::fs::metadata(src)
             .map_err(|e| StorageError::io(key, e))?
             .len();
         if size > wal::MAX_RECORD_DATA {
