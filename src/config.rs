@@ -49,6 +49,9 @@ pub struct DimseConfig {
     /// Largest object (dataset bytes) accepted by C-STORE; larger ones get A700.
     pub max_object_size: u64,
     pub on_duplicate: DuplicatePolicy,
+    /// C-MOVE / C-GET: a pending response after a sub-operation only when this many milliseconds have
+    /// passed since the last one (0: after every sub-operation). PS3.4 makes pending responses optional.
+    pub retrieve_pending_interval_ms: u64,
     /// Known application entities: C-MOVE destinations, and who may query and retrieve.
     pub peers: Vec<PeerConfig>,
 }
@@ -155,6 +158,7 @@ impl Default for DimseConfig {
             write_timeout_secs: 60,
             max_object_size: 4 << 30,
             on_duplicate: DuplicatePolicy::KeepFirst,
+            retrieve_pending_interval_ms: 100,
             peers: Vec::new(),
         }
     }

@@ -3,6 +3,7 @@
 //! the SCP role for itself, accepted in negotiation). Counting, statuses and cancel as for C-MOVE.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use dicom_ul::association::server::AsyncServerAssociation;
 use tokio::net::TcpStream;
@@ -43,6 +44,7 @@ pub async fn run(
     let mut contexts: Vec<OutContext> = contexts.values().cloned().collect();
     contexts.sort_by_key(|c| c.id);
     let mut progress = Progress::new(instances.len());
+    let pending_interval = Duration::from_millis(ctx.config.retrieve_pending_interval_ms);
     let mut inbox = Inbox::default();
     for (n, inst) in instances.iter().enumerate() {
         if progress.cancelled
@@ -74,7 +76,7 @@ pub async fn run(
             // The requesting association itself is broken: nothing more can be said on it.
             Err(SubOpError::Protocol(e)) => return Err(e),
         }
-        if progress.remaining > 0 && !progress.cancelled {
+        if progress.pending_due(pending_interval) {
             progress.send_pending(assoc, &req, rsp).await?;
         }
     }

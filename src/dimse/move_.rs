@@ -93,6 +93,7 @@ pub async fn run(
         ae_title: &req.calling_ae,
         message_id: req.message_id(),
     };
+    let pending_interval = Duration::from_millis(ctx.config.retrieve_pending_interval_ms);
     let mut requester_inbox = Inbox::default();
     let mut sub_inbox = Inbox::default();
     let mut sub_alive = true;
@@ -135,7 +136,7 @@ pub async fn run(
                 break;
             }
         }
-        if progress.remaining > 0 {
+        if progress.pending_due(pending_interval) {
             if let Err(e) = progress.send_pending(assoc, &req, rsp).await {
                 let _ = sub.abort().await;
                 return Err(e);

@@ -181,6 +181,7 @@ pub struct Progress {
     pub warning: usize,
     pub failed_uids: Vec<String>,
     pub cancelled: bool,
+    last_pending: Option<std::time::Instant>,
 }
 
 fn count(n: usize) -> u16 {
@@ -206,6 +207,21 @@ impl Progress {
                 self.failed_uids.push(inst.sop_instance_uid.clone());
             }
         }
+    }
+
+    /// Whether a pending response is due after a sub-operation: some remain, and at least
+    /// `interval` has passed since the last pending response (or none was sent yet).
+    pub fn pending_due(&mut self, interval: Duration) -> bool {
+        let now = std::time::Instant::now();
+        let due = self.remaining > 0
+            && !self.cancelled
+            && self
+                .last_pending
+                .is_none_or(|last| now.duration_since(last) >= interval);
+        if due {
+            self.last_pending = Some(now);
+        }
+        due
     }
 
     /// Counts every instance not yet sent as failed (the receiving association is gone).

@@ -70,6 +70,16 @@ pub struct Ingestor {
     spool: Arc<SpoolFiles>,
 }
 
+/// Where ingest's blocking task left an object.
+enum Step {
+    /// Already indexed, and the policy keeps the first copy.
+    Duplicate,
+    /// Parsed and durable in storage.
+    Stored(Parsed),
+    /// Parsed; to be put into storage.
+    ToStore(Parsed),
+}
+
 /// The result of parsing a spooled object, before anything is stored.
 struct Parsed {
     uids: ObjectUids,
@@ -107,51 +117,64 @@ impl Ingestor {
         let key_suffix = unique_suffix();
         let write_back = self.store.wants_write_back(size);
         let lookup = (self.on_duplicate == DuplicatePolicy::KeepFirst).then(|| self.index.clone());
-        // One blocking task: the spool file's last bytes are written, the header parsed, the SOP
-        // Instance UID looked up (keep_first), and, for a store that flushes the moved file itself,
-        // the data written back to disk. Each hand-off between threads costs a wake-up on the
-        // critical path of a C-STORE.
+        let (store, expected) = (self.store.clone(), expected.cloned());
+        // One blocking task: the spool file's last bytes are written, the header parsed and checked,
+        // the SOP Instance UID looked up (keep_first), and then either the object stored (a backend
+        // that can store from blocking code) or its data written back to disk (a store that flushes
+        // the moved file itself). Each hand-off between threads costs a wake-up on the critical
+        // path of a C-STORE.
         let job = tokio::task::spawn_blocking(move || {
             let mut spooled = spooled;
-            let parsed = spooled.write_tail().map_err(spool_error).and_then(|()| {
-                parse(spooled.path(), size, |uids| {
+            let step = || -> Result<Step, IngestError> {
+                spooled.write_tail().map_err(spool_error)?;
+                let parsed = parse(spooled.path(), size, |uids| {
                     instance_key(
                         &uids.study_uid,
                         &uids.series_uid,
                         &uids.sop_instance_uid,
                         &key_suffix,
                     )
-                })
-            });
-            let duplicate = match (&parsed, lookup) {
-                (Ok(p), Some(index)) => index
-                    .instance_exists_blocking(&p.uids.sop_instance_uid)
-                    .map_err(|e| IngestError::Index(e.into())),
-                _ => Ok(false),
+                })?;
+                if let Some(exp) = &expected {
+                    check_expected(&parsed.uids, exp)?;
+                }
+                if let Some(index) = lookup {
+                    let uid = &parsed.uids.sop_instance_uid;
+                    if index
+                        .instance_exists_blocking(uid)
+                        .map_err(|e| IngestError::Index(e.into()))?
+                    {
+                        return Ok(Step::Duplicate);
+                    }
+                }
+                if write_back {
+                    spooled.write_back().map_err(spool_error)?;
+                    return Ok(Step::ToStore(parsed));
+                }
+                let key = &parsed.record.instance.storage_key;
+                match store.put_file_blocking(key, spooled.path()) {
+                    Some(stored) => stored.map(|()| Step::Stored(parsed)).map_err(Into::into),
+                    None => Ok(Step::ToStore(parsed)),
+                }
             };
-            let written = match (&parsed, &duplicate) {
-                (Ok(_), Ok(false)) if write_back => spooled.write_back(),
-                _ => Ok(()),
-            };
-            (
-                spooled,
-                parsed.and_then(|p| duplicate.map(|d| (p, d))),
-                written,
-            )
+            let step = step();
+            (spooled, step)
         });
-        let (spooled, parsed, written) = job.await.expect("parse task panicked");
-        let (parsed, duplicate) = parsed?;
-        if let Some(exp) = expected {
-            check_expected(&parsed.uids, exp)?;
-        }
-        if duplicate {
-            // The resent copy's spool file is removed (dropped) before the answer.
-            return Ok(Outcome::DuplicateKept);
-        }
-        written.map_err(spool_error)?;
-
+        let (spooled, step) = job.await.expect("parse task panicked");
+        // A refused object's or a resent duplicate's spool file is removed (dropped) before the answer.
+        let parsed = match step? {
+            Step::Duplicate => return Ok(Outcome::DuplicateKept),
+            Step::Stored(parsed) => {
+                spooled.mark_stored();
+                parsed
+            }
+            Step::ToStore(parsed) => {
+                let key = parsed.record.instance.storage_key.clone();
+                spooled.store_into(self.store.as_ref(), &key).await?;
+                parsed
+            }
+        };
         let key = parsed.record.instance.storage_key.clone();
-        spooled.store_into(self.store.as_ref(), &key).await?;
         let replace = self.on_duplicate == DuplicatePolicy::Replace;
         match self.index.insert(parsed.record, replace).await {
             Ok(InsertOutcome::Inserted) => Ok(Outcome::Stored),

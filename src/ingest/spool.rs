@@ -203,9 +203,13 @@ impl Spooled {
     /// Moves the file into storage under `key`, durably; on failure the spool file is removed.
     pub async fn store_into(self, store: &dyn ObjectStore, key: &str) -> Result<(), StorageError> {
         store.put_file(key, &self.path).await?;
-        // The file now belongs to storage: forget it instead of deleting it on drop.
-        let _ = self.path.keep();
+        self.mark_stored();
         Ok(())
+    }
+
+    /// The file now belongs to storage (it was moved there): forget it instead of deleting it on drop.
+    pub fn mark_stored(self) {
+        let _ = self.path.keep();
     }
 }
 

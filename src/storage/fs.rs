@@ -115,10 +115,28 @@ impl ObjectStore for FsStore {
         if size > wal::MAX_RECORD_DATA {
             return self.put_flushed(key, dest, src.to_path_buf()).await;
         }
-        self.wal
-            .put(key, src, &dest)
+        let (wal, key_owned, src) = (self.wal.clone(), key.to_string(), src.to_path_buf());
+        tokio::task::spawn_blocking(move || wal.put_blocking(&key_owned, &src, &dest))
             .await
+            .expect("write-ahead log task panicked")
             .map_err(|e| StorageError::io(key, e))
+    }
+
+    fn put_file_blocking(&self, key: &str, src: &Path) -> Option<Result<(), StorageError>> {
+        let dest = match self.path_of(key) {
+            Ok(dest) => dest,
+            Err(e) => return Some(Err(e)),
+        };
+        let size = match std::fs::metadata(src) {
+            Ok(m) => m.len(),
+            Err(e) => return Some(Err(StorageError::io(key, e))),
+        };
+        // Larger objects take the async path (their own flush, after the write-back).
+        (size <= wal::MAX_RECORD_DATA).then(|| {
+            self.wal
+                .put_blocking(key, src, &dest)
+                .map_err(|e| StorageError::io(key, e))
+        })
     }
 
     fn wants_write_back(&self, size: u64) -> bool {

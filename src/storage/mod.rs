@@ -75,6 +75,12 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Stores the content of the local file `src` under `key`, replacing any object there, and
     /// returns once it is durable. `src` is consumed (moved or deleted).
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError>;
+    /// Stores like `put_file`, from blocking code, when the backend can without a runtime (the
+    /// filesystem's write-ahead log); None when the object must go through `put_file`. Ingest stores
+    /// small objects from the same blocking task that parsed them: one thread hand-off fewer.
+    fn put_file_blocking(&self, _key: &str, _src: &Path) -> Option<Result<(), StorageError>> {
+        None
+    }
     /// Whether ingest should write a spooled object of `size` bytes back to disk while it parses
     /// (`Spooled::write_back`): worth it only where `put_file` moves the file into place and flushes
     /// it itself.

@@ -4,9 +4,11 @@
 //! top of the data write. An append to a segment file whose blocks are already allocated costs only
 //! the data write: `fdatasync` of an overwrite inside the file's size has no metadata to commit. So a
 //! put appends the object (key, bytes, CRC32C) to the current segment, flushes that alone, and only
-//! then renames the spool file into place, unflushed. Whatever is waiting when a flush starts shares
-//! it (group commit), so concurrent associations do not queue for one flush each. Deletions append a
-//! tombstone the same way before the file is unlinked.
+//! then renames the spool file into place, unflushed. Appends run on the caller's own (blocking)
+//! thread; whoever finds no flush running flushes for everything appended so far, and the others
+//! wait for it (group commit), so concurrent associations do not queue for one flush each and a lone
+//! association pays no thread hand-off. Deletions append a tombstone the same way before the file is
+//! unlinked. A failed flush poisons the log: nothing more is acknowledged until a restart replays it.
 //!
 //! A full segment is retired to the checkpointer thread, which flushes the whole file system
 //! (`syncfs`: every renamed file, its directories and every unlink are now durable), records the
@@ -23,16 +25,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex};
 
 /// Size of one segment file, allocated (zero-filled) once and reused.
 const SEGMENT_SIZE: u64 = 16 << 20;
 /// The largest object that goes through the log.
 pub const MAX_RECORD_DATA: u64 = 8 << 20;
-/// Requests sharing one flush at most.
-const MAX_BATCH: usize = 64;
 
 const MAGIC: u32 = 0x4C57_4744; // "DGWL"
 const HEADER_LEN: usize = 4 + 8 + 1 + 2 + 8 + 4;
@@ -99,25 +97,37 @@ struct Segment {
 }
 
 /// What a put or a deletion does once its record is durable.
-enum Op {
-    Put { src: PathBuf, dest: PathBuf },
-    Delete { dest: PathBuf },
+enum Op<'a> {
+    Put { src: &'a Path, dest: &'a Path },
+    Delete { dest: &'a Path },
 }
 
-struct Request {
-    key: String,
-    op: Op,
-    reply: oneshot::Sender<io::Result<()>>,
+/// The log's shared state: the current segment and how far appends and flushes have got, counted
+/// in bytes appended since start (a log sequence number).
+struct State {
+    current: Segment,
+    appended: u64,
+    flushed: u64,
+    flushing: bool,
+    poisoned: Option<String>,
+}
+
+struct Log {
+    dir: PathBuf,
+    state: Mutex<State>,
+    flush_done: Condvar,
+    free: Arc<Mutex<Vec<(File, PathBuf)>>>,
+    retire: Mutex<std_mpsc::Sender<Segment>>,
 }
 
 #[derive(Clone)]
 pub struct Wal {
-    tx: mpsc::Sender<Request>,
+    log: Arc<Log>,
 }
 
 impl Wal {
     /// Opens the log in `dir` for the store rooted at `root`: replays what the last run left
-    /// unchecked (blocking; before anything else reads the store) and starts the log threads.
+    /// unchecked (blocking; before anything else reads the store) and starts the checkpointer.
     pub fn open(dir: &Path, root: &Path) -> io::Result<Wal> {
         std::fs::create_dir_all(dir)?;
         let checkpointed = read_checkpoint(dir)?;
@@ -135,43 +145,96 @@ impl Wal {
                 .name("wal-checkpoint".into())
                 .spawn(move || checkpointer(&dir, &root, &free, retire_rx))?;
         }
-        let (tx, rx) = mpsc::channel(1024);
-        let dir = dir.to_path_buf();
-        std::thread::Builder::new()
-            .name("wal-writer".into())
-            .spawn(move || writer(&dir, first, &free, rx, retire_tx))?;
-        Ok(Wal { tx })
+        let state = State {
+            current: first,
+            appended: 0,
+            flushed: 0,
+            flushing: false,
+            poisoned: None,
+        };
+        Ok(Wal {
+            log: Arc::new(Log {
+                dir: dir.to_path_buf(),
+                state: Mutex::new(state),
+                flush_done: Condvar::new(),
+                free,
+                retire: Mutex::new(retire_tx),
+            }),
+        })
     }
 
-    /// Logs the content of `src` under `key`, then renames `src` to `dest`.
-    pub async fn put(&self, key: &str, src: &Path, dest: &Path) -> io::Result<()> {
-        let op = Op::Put {
-            src: src.to_path_buf(),
-            dest: dest.to_path_buf(),
-        };
-        self.send(key, op).await
+    /// Logs the content of `src` under `key`, then renames `src` to `dest` (blocking).
+    pub fn put_blocking(&self, key: &str, src: &Path, dest: &Path) -> io::Result<()> {
+        self.log.commit(key, Op::Put { src, dest })
     }
 
     /// Logs a tombstone for `key`, then unlinks `dest`.
     pub async fn delete(&self, key: &str, dest: &Path) -> io::Result<()> {
-        let op = Op::Delete {
-            dest: dest.to_path_buf(),
-        };
-        self.send(key, op).await
+        let (wal, key, dest) = (self.clone(), key.to_string(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || wal.log.commit(&key, Op::Delete { dest: &dest }))
+            .await
+            .expect("write-ahead log task panicked")
+    }
+}
+
+impl Log {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("write-ahead log lock")
     }
 
-    async fn send(&self, key: &str, op: Op) -> io::Result<()> {
-        let (reply, rx) = oneshot::channel();
-        let stopped = || io::Error::other("write-ahead log stopped");
-        self.tx
-            .send(Request {
-                key: key.to_string(),
-                op,
-                reply,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+    /// Appends the record, waits until a flush covers it (running that flush when none is), then
+    /// applies the operation.
+    fn commit(&self, key: &str, op: Op<'_>) -> io::Result<()> {
+        let len = record_len(key, &op)?;
+        let mut st = self.lock();
+        if let Some(why) = &st.poisoned {
+            return Err(io::Error::other(format!("write-ahead log unusable: {why}")));
+        }
+        if st.current.offset + len > SEGMENT_SIZE {
+            self.rotate(&mut st)?;
+        }
+        append(&mut st.current, key, &op)?;
+        st.appended += len;
+        let mine = st.appended;
+        while st.flushed < mine {
+            if let Some(why) = &st.poisoned {
+                return Err(io::Error::other(format!(
+                    "write-ahead log flush failed: {why}"
+                )));
+            }
+            if st.flushing {
+                st = self.flush_done.wait(st).expect("write-ahead log lock");
+                continue;
+            }
+            st.flushing = true;
+            let target = st.appended;
+            let file = st.current.file.try_clone();
+            drop(st);
+            let flushed = file.and_then(|f| f.sync_data());
+            st = self.lock();
+            st.flushing = false;
+            match flushed {
+                Ok(()) => st.flushed = st.flushed.max(target),
+                Err(e) => {
+                    tracing::error!(error = %e, "write-ahead log flush failed");
+                    st.poisoned = Some(e.to_string());
+                }
+            }
+            self.flush_done.notify_all();
+        }
+        drop(st);
+        apply(&op)
+    }
+
+    /// Retires the full current segment (flushed first: its records may not be yet) to the
+    /// checkpointer and starts the next one.
+    fn rotate(&self, st: &mut State) -> io::Result<()> {
+        st.current.file.sync_data()?;
+        st.flushed = st.appended;
+        let next = take_segment(&self.dir, &self.free, st.current.seq + 1)?;
+        let full = std::mem::replace(&mut st.current, next);
+        let _ = self.retire.lock().expect("retire lock").send(full);
+        Ok(())
     }
 }
 
@@ -340,11 +403,11 @@ fn rewrite(dest: &Path, data: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, dest)
 }
 
-/// Appends one record for `r` at the current segment's offset; the offset moves on only once the
-/// whole record is written.
-fn append(seg: &mut Segment, r: &Request) -> io::Result<()> {
-    let key = r.key.as_bytes();
-    let (kind, mut src) = match &r.op {
+/// Appends one record at the current segment's offset; the offset moves on only once the whole
+/// record is written.
+fn append(seg: &mut Segment, key: &str, op: &Op<'_>) -> io::Result<()> {
+    let key = key.as_bytes();
+    let (kind, mut src) = match op {
         Op::Put { src, .. } => (PUT, Some(File::open(src)?)),
         Op::Delete { .. } => (TOMBSTONE, None),
     };
@@ -384,80 +447,33 @@ fn append(seg: &mut Segment, r: &Request) -> io::Result<()> {
     Ok(())
 }
 
-fn record_len(r: &Request) -> io::Result<u64> {
-    let data_len = match &r.op {
+fn record_len(key: &str, op: &Op<'_>) -> io::Result<u64> {
+    let data_len = match op {
         Op::Put { src, .. } => std::fs::metadata(src)?.len(),
         Op::Delete { .. } => 0,
     };
-    if data_len > MAX_RECORD_DATA || r.key.len() > u16::MAX as usize {
+    if data_len > MAX_RECORD_DATA || key.len() > u16::MAX as usize {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "record too large for the write-ahead log",
         ));
     }
-    Ok(HEADER_LEN as u64 + r.key.len() as u64 + data_len)
+    Ok(HEADER_LEN as u64 + key.len() as u64 + data_len)
 }
 
 /// What a request does once its record is durable.
-fn apply(op: &Op) -> io::Result<()> {
+fn apply(op: &Op<'_>) -> io::Result<()> {
     match op {
         Op::Put { src, dest } => {
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::rename(src, dest)
+            super::fs::move_file(src, dest)
         }
         Op::Delete { dest } => match std::fs::remove_file(dest) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         },
-    }
-}
-
-/// The log's writer thread: appends each batch of waiting requests, flushes once, applies them, and
-/// answers. Full segments go to the checkpointer after their batch is applied.
-fn writer(
-    dir: &Path,
-    mut current: Segment,
-    free: &Mutex<Vec<(File, PathBuf)>>,
-    mut rx: mpsc::Receiver<Request>,
-    retire: std_mpsc::Sender<Segment>,
-) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let mut retired: Vec<Segment> = Vec::new();
-        let mut written: Vec<io::Result<()>> = Vec::with_capacity(batch.len());
-        for r in &batch {
-            let result = record_len(r).and_then(|len| {
-                if current.offset + len > SEGMENT_SIZE {
-                    let next = take_segment(dir, free, current.seq + 1)?;
-                    retired.push(std::mem::replace(&mut current, next));
-                }
-                append(&mut current, r)
-            });
-            written.push(result);
-        }
-        let flushed = retired
-            .iter()
-            .chain(std::iter::once(&current))
-            .try_for_each(|s| s.file.sync_data());
-        for (r, result) in batch.into_iter().zip(written) {
-            let result = match (&flushed, result) {
-                (Err(e), _) => Err(io::Error::new(e.kind(), format!("log flush: {e}"))),
-                (Ok(()), Ok(())) => apply(&r.op),
-                (Ok(()), Err(e)) => Err(e),
-            };
-            let _ = r.reply.send(result);
-        }
-        for s in retired {
-            let _ = retire.send(s);
-        }
     }
 }
 
@@ -494,12 +510,6 @@ fn checkpointer(
 mod tests {
     use super::*;
 
-    fn req(key: &str, op: Op) -> (Request, oneshot::Receiver<io::Result<()>>) {
-        let (reply, rx) = oneshot::channel();
-        let key = key.to_string();
-        (Request { key, op, reply }, rx)
-    }
-
     #[test]
     fn header_round_trips_and_rejects_other_bytes() {
         let h = Header {
@@ -522,37 +532,25 @@ mod tests {
         let free = Mutex::new(Vec::new());
         let mut seg = take_segment(&dir, &free, 1).unwrap();
         let spool = tmp.path().join("spool");
-        let mut offsets = Vec::new();
         for (key, body) in [("a/b/1.dcm", &b"first"[..]), ("a/b/2.dcm", b"second")] {
             std::fs::write(&spool, body).unwrap();
             let dest = root.join(key);
-            let (r, _) = req(
-                key,
-                Op::Put {
-                    src: spool.clone(),
-                    dest,
-                },
-            );
-            append(&mut seg, &r).unwrap();
-            offsets.push(seg.offset);
+            let put = Op::Put {
+                src: &spool,
+                dest: &dest,
+            };
+            append(&mut seg, key, &put).unwrap();
         }
-        let (r, _) = req(
-            "a/b/1.dcm",
-            Op::Delete {
-                dest: root.join("a/b/1.dcm"),
-            },
-        );
-        append(&mut seg, &r).unwrap();
+        let dest = root.join("a/b/1.dcm");
+        append(&mut seg, "a/b/1.dcm", &Op::Delete { dest: &dest }).unwrap();
         // A torn third put: its header never made it to disk.
         std::fs::write(&spool, b"third").unwrap();
-        let (r, _) = req(
-            "a/b/3.dcm",
-            Op::Put {
-                src: spool.clone(),
-                dest: root.join("a/b/3.dcm"),
-            },
-        );
-        append(&mut seg, &r).unwrap();
+        let dest = root.join("a/b/3.dcm");
+        let put = Op::Put {
+            src: &spool,
+            dest: &dest,
+        };
+        append(&mut seg, "a/b/3.dcm", &put).unwrap();
         seg.file
             .write_all_at(&[0u8; HEADER_LEN], seg.offset - HEADER_LEN as u64 - 9 - 5)
             .unwrap();
@@ -568,8 +566,7 @@ mod tests {
         assert_eq!(std::fs::read(root.join("a/b/2.dcm")).unwrap(), b"second");
         assert!(!root.join("a/b/3.dcm").exists(), "torn record ignored");
 
-        // Once checkpointed, the segment is not replayed again, and a reuse with a new sequence
-        // ignores the old records behind the new ones.
+        // Once checkpointed, the segment is not replayed again.
         std::fs::remove_file(root.join("a/b/2.dcm")).unwrap();
         replay(&dir, &root, 1).unwrap();
         assert!(!root.join("a/b/2.dcm").exists());
@@ -584,7 +581,7 @@ mod tests {
         let src = tmp.path().join("spool");
         std::fs::write(&src, b"payload").unwrap();
         let dest = root.join("1/2/3.dcm");
-        wal.put("1/2/3.dcm", &src, &dest).await.unwrap();
+        wal.put_blocking("1/2/3.dcm", &src, &dest).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"payload");
         assert!(!src.exists());
         // Simulate a crash that lost the unflushed rename: the next open restores the object.
@@ -593,5 +590,47 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _again = Wal::open(&dir, &root).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"payload");
+    }
+
+    #[test]
+    fn concurrent_puts_share_flushes_and_cross_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, root) = (tmp.path().join("wal"), tmp.path().join("objects"));
+        std::fs::create_dir_all(&root).unwrap();
+        let wal = Wal::open(&dir, &root).unwrap();
+        // 4 threads x 40 objects of 256 KB: 40 MB, more than two segments.
+        let body = |t: usize, i: usize| vec![(t * 40 + i) as u8; 256 * 1024];
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (wal, tmp, root) = (wal.clone(), tmp.path(), root.as_path());
+                scope.spawn(move || {
+                    for i in 0..40 {
+                        let src = tmp.join(format!("spool-{t}-{i}"));
+                        std::fs::write(&src, body(t, i)).unwrap();
+                        let key = format!("{t}/{i}.dcm");
+                        wal.put_blocking(&key, &src, &root.join(&key)).unwrap();
+                    }
+                });
+            }
+        });
+        for t in 0..4 {
+            for i in 0..40 {
+                let path = root.join(format!("{t}/{i}.dcm"));
+                assert_eq!(std::fs::read(&path).unwrap(), body(t, i), "{t}/{i}");
+            }
+        }
+        let seq = wal.log.lock().current.seq;
+        assert!(seq >= 3, "40 MB in 16 MB segments: now at segment {seq}");
+        // The newest record is in the current segment, which no checkpoint covers yet: replay
+        // restores it after a crash that lost its rename.
+        let src = tmp.path().join("spool-last");
+        std::fs::write(&src, b"last").unwrap();
+        let dest = root.join("last.dcm");
+        wal.put_blocking("last.dcm", &src, &dest).unwrap();
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::remove_file(&dest).unwrap();
+        replay(&dir, &root, read_checkpoint(&dir).unwrap()).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"last");
     }
 }

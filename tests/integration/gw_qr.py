@@ -29,13 +29,15 @@ SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 PENDING = (0xFF00, 0xFF01)
 
 
-def peers_env(*peers: tuple[str, int] | str) -> dict[str, str]:
-    """`DICOMGW_DIMSE__PEERS` for AE titles (on 127.0.0.1; a port where one is given)."""
+def peers_env(*peers: tuple[str, int] | str, pending_interval_ms: int = 0) -> dict[str, str]:
+    """`DICOMGW_DIMSE__PEERS` for AE titles (on 127.0.0.1; a port where one is given), and a pending
+    response after every retrieve sub-operation unless `pending_interval_ms` says otherwise."""
     items = []
     for p in peers:
         ae, port = (p, 1) if isinstance(p, str) else p
         items.append(f'{{ae_title = "{ae}", host = "127.0.0.1", port = {port}}}')
-    return {"DICOMGW_DIMSE__PEERS": "[" + ", ".join(items) + "]"}
+    return {"DICOMGW_DIMSE__PEERS": "[" + ", ".join(items) + "]",
+            "DICOMGW_DIMSE__RETRIEVE_PENDING_INTERVAL_MS": str(pending_interval_ms)}
 
 
 def uid(*parts) -> str:

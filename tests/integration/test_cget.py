@@ -166,3 +166,18 @@ def test_unknown_callers_cannot_retrieve(gateway, studies, tmp_path):
     assert not any((tmp_path / "got").iterdir())
     out = (proc.stdout + proc.stderr).lower()
     assert "0x124" in out, out
+
+
+def test_pending_responses_wait_for_the_configured_interval(gateway_factory, tmp_path):
+    """With a long `retrieve_pending_interval_ms`, only the first sub-operation is followed by a pending
+    response; the final response still carries every count."""
+    gw = gateway_factory(peers_env("PYTEST", pending_interval_ms=3_600_000))
+    st = {"uid": uid(42), "PatientID": "GET2", "PatientName": "Get^Two"}
+    native = [instance(st, {"uid": uid(42, 1), "Modality": "OT"}, n) for n in range(1, 5)]
+    assert all(v == 0 for v in store_all(gw, native).values())
+    responses, received = _run_get(gw, ExplicitVRLittleEndian,
+                                   _identifier("STUDY", StudyInstanceUID=uid(42)), [native[0].sop_class])
+    assert [s for s, *_ in responses] == [0xFF00, 0x0000]
+    assert responses[0][2].NumberOfRemainingSuboperations == len(native) - 1
+    assert responses[-1][2].NumberOfCompletedSuboperations == len(native)
+    assert len(received) == len(native)
