@@ -585,6 +585,34 @@ class Server:
 WORK_DIRS_TO_REMOVE: list = []
 
 
+def fresh_file_system(size_gb: int = 8) -> str | None:
+    """Makes and mounts an ext4 file system (with its journal, as deployed servers have) on a sparse
+    loop image for the servers' data, removed at exit. Every run then starts on a file system no earlier
+    run has deleted files from (see WORK_DIRS_TO_REMOVE). Returns None (servers use $TMPDIR) if the
+    loop mount fails."""
+    base = Path(tempfile.mkdtemp(prefix="dgw-bench-fs-"))
+    image, mnt = base / "fs.img", base / "mnt"
+    mnt.mkdir()
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size_gb << 30)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        log(f"no fresh file system for the servers ({e}); using $TMPDIR")
+        shutil.rmtree(base, ignore_errors=True)
+        return None
+
+    def unmount() -> None:
+        remove_work_dirs()
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+    atexit.register(unmount)
+    log(f"servers' data on a fresh ext4 file system at {mnt} ({size_gb} GB sparse loop image)")
+    return str(mnt)
+
+
 @atexit.register
 def remove_work_dirs() -> None:
     for d in WORK_DIRS_TO_REMOVE:
@@ -1503,7 +1531,11 @@ def main() -> int:
     ap.add_argument("--gateway-unavailable", default=None, metavar="REASON",
                     help="skip the gateway and say why (used by bench/run when the build fails)")
     ap.add_argument("--cache-dir", default=None, help="data cache (default bench/.cache/{full,quick})")
-    ap.add_argument("--work-root", default=None, help="parent dir for the servers' temp data dirs")
+    ap.add_argument("--work-root", default=None, help="parent dir for the servers' temp data dirs "
+                    "(default: a fresh file system, see --no-fresh-fs)")
+    ap.add_argument("--no-fresh-fs", action="store_true",
+                    help="keep the servers' data under $TMPDIR instead of a fresh ext4 file system "
+                    "made for the run (a loop-mounted sparse image; needs root)")
     ap.add_argument("--out", default=None, help="markdown output (default bench/results.md; "
                     "results-quick.md with --quick, results-partial.md for a subset)")
     ap.add_argument("--keep", action="store_true", help="keep the servers' data dirs and logs")
@@ -1528,6 +1560,8 @@ def main() -> int:
             ap.error(f"unknown server {s}")
     if args.work_root:
         Path(args.work_root).mkdir(parents=True, exist_ok=True)
+    elif not args.no_fresh_fs and os.geteuid() == 0:
+        args.work_root = fresh_file_system()
     prof = PROFILES["quick" if args.quick else "full"]
     cache = Path(args.cache_dir) if args.cache_dir else BENCH_DIR / ".cache" / ("quick" if args.quick else "full")
     if args.out:
