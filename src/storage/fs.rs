@@ -224,6 +224,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn health(&self) -> Result<(), StorageError> {
+        self.wal.check().map_err(|e| StorageError::io(".wal", e))?;
         let probe = self.root.join(".health");
         tokio::fs::write(&probe, b"ok")
             .await

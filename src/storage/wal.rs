@@ -168,6 +168,16 @@ impl Wal {
         self.log.commit(key, Op::Put { src, dest })
     }
 
+    /// Fails once a flush failed (the store is then not ready: nothing more can be acknowledged).
+    pub fn check(&self) -> io::Result<()> {
+        match &self.log.lock().poisoned {
+            Some(why) => Err(io::Error::other(format!(
+                "write-ahead log flush failed: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Logs a tombstone for `key`, then unlinks `dest`.
     pub async fn delete(&self, key: &str, dest: &Path) -> io::Result<()> {
         let (wal, key, dest) = (self.clone(), key.to_string(), dest.to_path_buf());
@@ -185,7 +195,8 @@ impl Log {
     /// Appends the record, waits until a flush covers it (running that flush when none is), then
     /// applies the operation.
     fn commit(&self, key: &str, op: Op<'_>) -> io::Result<()> {
-        let len = record_len(key, &op)?;
+        let mut record = Record::of(key, &op)?;
+        let len = record.len();
         let mut st = self.lock();
         if let Some(why) = &st.poisoned {
             return Err(io::Error::other(format!("write-ahead log unusable: {why}")));
@@ -193,7 +204,7 @@ impl Log {
         if st.current.offset + len > SEGMENT_SIZE {
             self.rotate(&mut st)?;
         }
-        append(&mut st.current, key, &op)?;
+        append(&mut st.current, &mut record)?;
         st.appended += len;
         let mine = st.appended;
         while st.flushed < mine {
@@ -403,24 +414,54 @@ fn rewrite(dest: &Path, data: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, dest)
 }
 
-/// Appends one record at the current segment's offset; the offset moves on only once the whole
-/// record is written.
-fn append(seg: &mut Segment, key: &str, op: &Op<'_>) -> io::Result<()> {
-    let key = key.as_bytes();
-    let (kind, mut src) = match op {
-        Op::Put { src, .. } => (PUT, Some(File::open(src)?)),
-        Op::Delete { .. } => (TOMBSTONE, None),
-    };
-    let data_len = match &src {
-        Some(f) => f.metadata()?.len(),
-        None => 0,
-    };
+/// A record about to be appended: its key, and the object file it copies (puts only).
+struct Record<'a> {
+    kind: u8,
+    key: &'a [u8],
+    src: Option<File>,
+    data_len: u64,
+}
+
+impl<'a> Record<'a> {
+    /// Opens the object a put logs (once: its length decides the segment, its bytes are copied).
+    fn of(key: &'a str, op: &Op<'_>) -> io::Result<Record<'a>> {
+        let (kind, src) = match op {
+            Op::Put { src, .. } => (PUT, Some(File::open(src)?)),
+            Op::Delete { .. } => (TOMBSTONE, None),
+        };
+        let data_len = match &src {
+            Some(f) => f.metadata()?.len(),
+            None => 0,
+        };
+        if data_len > MAX_RECORD_DATA || key.len() > u16::MAX as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "record too large for the write-ahead log",
+            ));
+        }
+        Ok(Record {
+            kind,
+            key: key.as_bytes(),
+            src,
+            data_len,
+        })
+    }
+
+    fn len(&self) -> u64 {
+        HEADER_LEN as u64 + self.key.len() as u64 + self.data_len
+    }
+}
+
+/// Appends a record at the current segment's offset; the offset moves on only once the whole record
+/// is written.
+fn append(seg: &mut Segment, r: &mut Record<'_>) -> io::Result<()> {
+    let (kind, key, data_len) = (r.kind, r.key, r.data_len);
     let mut d = digest(seg.seq, kind, key, data_len);
     let start = seg.offset;
     let mut at = start + HEADER_LEN as u64;
     seg.file.write_all_at(key, at)?;
     at += key.len() as u64;
-    if let Some(f) = src.as_mut() {
+    if let Some(f) = r.src.as_mut() {
         let mut buf = vec![0u8; (data_len as usize).clamp(1, 1 << 20)];
         let mut left = data_len;
         while left > 0 {
@@ -445,20 +486,6 @@ fn append(seg: &mut Segment, key: &str, op: &Op<'_>) -> io::Result<()> {
     seg.file.write_all_at(&header.encode(), start)?;
     seg.offset = at;
     Ok(())
-}
-
-fn record_len(key: &str, op: &Op<'_>) -> io::Result<u64> {
-    let data_len = match op {
-        Op::Put { src, .. } => std::fs::metadata(src)?.len(),
-        Op::Delete { .. } => 0,
-    };
-    if data_len > MAX_RECORD_DATA || key.len() > u16::MAX as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "record too large for the write-ahead log",
-        ));
-    }
-    Ok(HEADER_LEN as u64 + key.len() as u64 + data_len)
 }
 
 /// What a request does once its record is durable.
@@ -539,10 +566,11 @@ mod tests {
                 src: &spool,
                 dest: &dest,
             };
-            append(&mut seg, key, &put).unwrap();
+            append(&mut seg, &mut Record::of(key, &put).unwrap()).unwrap();
         }
         let dest = root.join("a/b/1.dcm");
-        append(&mut seg, "a/b/1.dcm", &Op::Delete { dest: &dest }).unwrap();
+        let tombstone = Op::Delete { dest: &dest };
+        append(&mut seg, &mut Record::of("a/b/1.dcm", &tombstone).unwrap()).unwrap();
         // A torn third put: its header never made it to disk.
         std::fs::write(&spool, b"third").unwrap();
         let dest = root.join("a/b/3.dcm");
@@ -550,7 +578,7 @@ mod tests {
             src: &spool,
             dest: &dest,
         };
-        append(&mut seg, "a/b/3.dcm", &put).unwrap();
+        append(&mut seg, &mut Record::of("a/b/3.dcm", &put).unwrap()).unwrap();
         seg.file
             .write_all_at(&[0u8; HEADER_LEN], seg.offset - HEADER_LEN as u64 - 9 - 5)
             .unwrap();
