@@ -20,6 +20,9 @@ use tokio_util::io::ReaderStream;
 use super::wal::{self, Wal};
 use super::{ByteStream, KeyStream, ObjectStore, StorageError};
 
+/// Objects up to this size are read whole by `get` (bounded memory per request); larger ones stream.
+const WHOLE_READ: u64 = 2 << 20;
+
 pub struct FsStore {
     root: PathBuf,
     wal: Wal,
@@ -145,16 +148,29 @@ impl ObjectStore for FsStore {
 
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError> {
         let path = self.path_of(key)?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| StorageError::io(key, e))?;
-        let size = file
-            .metadata()
-            .await
-            .map_err(|e| StorageError::io(key, e))?
-            .len();
-        let stream = ReaderStream::with_capacity(file, 256 * 1024);
-        Ok((size, Box::pin(stream)))
+        // Open, measure and, for an object up to WHOLE_READ, read it: one blocking task instead of
+        // one per step (each a thread hand-off; C-MOVE and C-GET send objects one after another).
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let mut file = std::fs::File::open(&path)?;
+            let size = file.metadata()?.len();
+            if size > WHOLE_READ {
+                return Ok((size, Err(file)));
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            Ok((bytes.len() as u64, Ok(Bytes::from(bytes))))
+        })
+        .await
+        .expect("blocking storage task panicked")
+        .map_err(|e| StorageError::io(key, e))?;
+        let stream: ByteStream = match opened.1 {
+            Ok(bytes) => Box::pin(futures::stream::once(async move { Ok(bytes) })),
+            Err(file) => Box::pin(ReaderStream::with_capacity(
+                tokio::fs::File::from_std(file),
+                256 * 1024,
+            )),
+        };
+        Ok((opened.0, stream))
     }
 
     async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, StorageError> {
