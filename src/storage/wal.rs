@@ -113,6 +113,8 @@ struct State {
 }
 
 struct Log {
+    /// Holds the log's exclusive lock (`flock`) for as long as the log is open.
+    _lock: File,
     dir: PathBuf,
     state: Mutex<State>,
     flush_done: Condvar,
@@ -130,6 +132,7 @@ impl Wal {
     /// unchecked (blocking; before anything else reads the store) and starts the checkpointer.
     pub fn open(dir: &Path, root: &Path) -> io::Result<Wal> {
         std::fs::create_dir_all(dir)?;
+        let lock = lock(dir)?;
         let checkpointed = read_checkpoint(dir)?;
         let (segments, last_seq) = replay(dir, root, checkpointed)?;
         if last_seq > checkpointed {
@@ -154,6 +157,7 @@ impl Wal {
         };
         Ok(Wal {
             log: Arc::new(Log {
+                _lock: lock,
                 dir: dir.to_path_buf(),
                 state: Mutex::new(state),
                 flush_done: Condvar::new(),
@@ -247,6 +251,30 @@ impl Log {
         let _ = self.retire.lock().expect("retire lock").send(full);
         Ok(())
     }
+}
+
+/// Takes the log's exclusive lock: two processes appending to (or replaying) one log would corrupt it,
+/// e.g. `dicom-gateway reindex` run against the storage of a gateway that is serving.
+fn lock(dir: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    // SAFETY: plain syscall on a descriptor owned by `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::other(format!(
+                "{} is locked: another dicom-gateway process uses this storage",
+                dir.display()
+            ))
+        } else {
+            e
+        });
+    }
+    Ok(file)
 }
 
 fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -606,6 +634,10 @@ mod tests {
         let (dir, root) = (tmp.path().join("wal"), tmp.path().join("objects"));
         std::fs::create_dir_all(&root).unwrap();
         let wal = Wal::open(&dir, &root).unwrap();
+        let second = Wal::open(&dir, &root)
+            .err()
+            .expect("the log is locked while open");
+        assert!(second.to_string().contains("another dicom-gateway process"));
         let src = tmp.path().join("spool");
         std::fs::write(&src, b"payload").unwrap();
         let dest = root.join("1/2/3.dcm");
