@@ -99,8 +99,8 @@ impl Index {
             .await?;
         sqlx::migrate!("./migrations").run(&migrator).await?;
         migrator.close().await;
-        let writer = writer::WriterHandle::spawn(options.get_filename())?;
         let path = std::sync::Arc::new(options.get_filename().to_path_buf());
+        let writer = writer::WriterHandle::spawn(&path)?;
         let read = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options.read_only(true))

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use crate::storage::{ObjectStore, StorageError};
 
 pub struct SpoolWriter {
-    /// None while a full buffer is being written by a blocking task.
+    /// None only while a full buffer is being written by a blocking task.
     file: Option<std::fs::File>,
     buf: Vec<u8>,
     path: TempPath,
@@ -62,10 +62,6 @@ impl SpoolFiles {
             }
         });
         Ok(files)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn create(dir: &Path) -> std::io::Result<(std::fs::File, TempPath)> {
@@ -137,13 +133,15 @@ impl SpoolWriter {
         if self.buf.len() >= BUFFER {
             let mut file = self.file.take().expect("spool file present between writes");
             let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER));
-            let file = tokio::task::spawn_blocking(move || {
+            let (file, written) = tokio::task::spawn_blocking(move || {
                 use std::io::Write;
-                file.write_all(&buf).map(|()| file)
+                let written = file.write_all(&buf);
+                (file, written)
             })
             .await
-            .expect("spool write task panicked")?;
+            .expect("spool write task panicked");
             self.file = Some(file);
+            written?;
         }
         Ok(())
     }

@@ -71,6 +71,15 @@ impl FsStore {
     }
 }
 
+/// Stores `src` under `dest` through the write-ahead log (blocking); false, with nothing done, for
+/// an object too large for the log.
+fn put_logged(wal: &Wal, key: &str, src: &Path, dest: &Path) -> std::io::Result<bool> {
+    if std::fs::metadata(src)?.len() > wal::MAX_RECORD_DATA {
+        return Ok(false);
+    }
+    wal.put_blocking(key, src, dest).map(|()| true)
+}
+
 /// Renames `src` to `dest`, or copies it when the spool is on another file system.
 pub(super) fn move_file(src: &Path, dest: &Path) -> std::io::Result<()> {
     match std::fs::rename(src, dest) {
@@ -111,35 +120,29 @@ fn create_parents_durably(root: &Path, path: &Path) -> std::io::Result<()> {
 impl ObjectStore for FsStore {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
         let dest = self.path_of(key)?;
-        // A stat of a file just written (inline: cheaper than a hand-off to a blocking thread).
-        let size = std::fs::metadata(src)
-            .map_err(|e| StorageError::io(key, e))?
-            .len();
-        if size > wal::MAX_RECORD_DATA {
-            return self.put_flushed(key, dest, src.to_path_buf()).await;
-        }
         let (wal, key_owned, src) = (self.wal.clone(), key.to_string(), src.to_path_buf());
-        tokio::task::spawn_blocking(move || wal.put_blocking(&key_owned, &src, &dest))
-            .await
-            .expect("write-ahead log task panicked")
-            .map_err(|e| StorageError::io(key, e))
+        let (logged, src, dest) = tokio::task::spawn_blocking(move || {
+            let logged = put_logged(&wal, &key_owned, &src, &dest);
+            (logged, src, dest)
+        })
+        .await
+        .expect("write-ahead log task panicked");
+        match logged.map_err(|e| StorageError::io(key, e))? {
+            true => Ok(()),
+            false => self.put_flushed(key, dest, src).await,
+        }
     }
 
     fn put_file_blocking(&self, key: &str, src: &Path) -> Option<Result<(), StorageError>> {
-        let dest = match self.path_of(key) {
-            Ok(dest) => dest,
-            Err(e) => return Some(Err(e)),
-        };
-        let size = match std::fs::metadata(src) {
-            Ok(m) => m.len(),
-            Err(e) => return Some(Err(StorageError::io(key, e))),
-        };
-        // Larger objects take the async path (their own flush, after the write-back).
-        (size <= wal::MAX_RECORD_DATA).then(|| {
-            self.wal
-                .put_blocking(key, src, &dest)
-                .map_err(|e| StorageError::io(key, e))
-        })
+        let logged = self.path_of(key).and_then(|dest| {
+            put_logged(&self.wal, key, src, &dest).map_err(|e| StorageError::io(key, e))
+        });
+        // Too large for the log: the async path (its own flush, after the write-back).
+        match logged {
+            Ok(false) => None,
+            Ok(true) => Some(Ok(())),
+            Err(e) => Some(Err(e)),
+        }
     }
 
     fn wants_write_back(&self, size: u64) -> bool {

@@ -27,6 +27,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex};
 
+/// Bytes copied from an object into the log per read.
+const COPY_CHUNK: usize = 1 << 20;
 /// Size of one segment file, allocated (zero-filled) once and reused.
 const SEGMENT_SIZE: u64 = 16 << 20;
 /// The largest object that goes through the log.
@@ -110,6 +112,8 @@ struct State {
     flushed: u64,
     flushing: bool,
     poisoned: Option<String>,
+    /// Reused for copying objects into the log (appends run under the lock).
+    copy_buf: Vec<u8>,
 }
 
 struct Log {
@@ -154,6 +158,7 @@ impl Wal {
             flushed: 0,
             flushing: false,
             poisoned: None,
+            copy_buf: Vec::new(),
         };
         Ok(Wal {
             log: Arc::new(Log {
@@ -208,7 +213,10 @@ impl Log {
         if st.current.offset + len > SEGMENT_SIZE {
             self.rotate(&mut st)?;
         }
-        append(&mut st.current, &mut record)?;
+        let State {
+            current, copy_buf, ..
+        } = &mut *st;
+        append(current, &mut record, copy_buf)?;
         st.appended += len;
         let mine = st.appended;
         while st.flushed < mine {
@@ -482,7 +490,7 @@ impl<'a> Record<'a> {
 
 /// Appends a record at the current segment's offset; the offset moves on only once the whole record
 /// is written.
-fn append(seg: &mut Segment, r: &mut Record<'_>) -> io::Result<()> {
+fn append(seg: &mut Segment, r: &mut Record<'_>, buf: &mut Vec<u8>) -> io::Result<()> {
     let (kind, key, data_len) = (r.kind, r.key, r.data_len);
     let mut d = digest(seg.seq, kind, key, data_len);
     let start = seg.offset;
@@ -490,7 +498,9 @@ fn append(seg: &mut Segment, r: &mut Record<'_>) -> io::Result<()> {
     seg.file.write_all_at(key, at)?;
     at += key.len() as u64;
     if let Some(f) = r.src.as_mut() {
-        let mut buf = vec![0u8; (data_len as usize).clamp(1, 1 << 20)];
+        if buf.len() < COPY_CHUNK {
+            buf.resize(COPY_CHUNK, 0);
+        }
         let mut left = data_len;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
@@ -594,11 +604,21 @@ mod tests {
                 src: &spool,
                 dest: &dest,
             };
-            append(&mut seg, &mut Record::of(key, &put).unwrap()).unwrap();
+            append(
+                &mut seg,
+                &mut Record::of(key, &put).unwrap(),
+                &mut Vec::new(),
+            )
+            .unwrap();
         }
         let dest = root.join("a/b/1.dcm");
         let tombstone = Op::Delete { dest: &dest };
-        append(&mut seg, &mut Record::of("a/b/1.dcm", &tombstone).unwrap()).unwrap();
+        append(
+            &mut seg,
+            &mut Record::of("a/b/1.dcm", &tombstone).unwrap(),
+            &mut Vec::new(),
+        )
+        .unwrap();
         // A torn third put: its header never made it to disk.
         std::fs::write(&spool, b"third").unwrap();
         let dest = root.join("a/b/3.dcm");
@@ -606,7 +626,12 @@ mod tests {
             src: &spool,
             dest: &dest,
         };
-        append(&mut seg, &mut Record::of("a/b/3.dcm", &put).unwrap()).unwrap();
+        append(
+            &mut seg,
+            &mut Record::of("a/b/3.dcm", &put).unwrap(),
+            &mut Vec::new(),
+        )
+        .unwrap();
         seg.file
             .write_all_at(&[0u8; HEADER_LEN], seg.offset - HEADER_LEN as u64 - 9 - 5)
             .unwrap();
