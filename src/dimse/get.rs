@@ -46,6 +46,7 @@ pub async fn run(
     let mut progress = Progress::new(instances.len());
     let pending_interval = Duration::from_millis(ctx.config.retrieve_pending_interval_ms);
     let mut inbox = Inbox::default();
+    let mut read_ahead = retrieve::ReadAhead::new(ctx, &contexts, &instances);
     for (n, inst) in instances.iter().enumerate() {
         if progress.cancelled
             || message::cancel_requested(assoc, &mut inbox, req.message_id()).await?
@@ -55,18 +56,23 @@ pub async fn run(
         }
         // Sub-operation message IDs count down from the top, away from the requester's own IDs.
         let message_id = 0xFFFF - (n % 0x7FFF) as u16;
-        let outcome = retrieve::store(
-            assoc,
-            &mut inbox,
-            ctx,
-            &contexts,
-            inst,
-            message_id,
-            None,
-            &mut progress,
-            Some(req.message_id()),
-        )
-        .await;
+        let outcome = match read_ahead.take(n).await {
+            Ok(prepared) => {
+                retrieve::store(
+                    assoc,
+                    &mut inbox,
+                    ctx,
+                    inst,
+                    prepared,
+                    message_id,
+                    None,
+                    &mut progress,
+                    Some(req.message_id()),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(store_status) => progress.record(inst, Some(store_status)),
             Err(SubOpError::Failed(why)) => {

@@ -89,14 +89,14 @@ where
     Ok(())
 }
 
-/// Sends a command set, then a data set read from `stream` chunk by chunk (only one PDV's worth is
-/// held at a time, plus the encoded PDUs of one write). The stream's first `skip` bytes are left out
-/// (the Part-10 header of a stored object). A storage read error ends the association: the peer
-/// already has part of the data set.
+/// Sends a command set, then a data set read from `stream` chunk by chunk (only one write's worth
+/// of encoded PDUs is held at a time). The stream's first `skip` bytes are left out (the Part-10
+/// header of a stored object). A storage read error ends the association: the peer already has
+/// part of the data set.
 pub async fn send_streamed<A>(
     assoc: &mut A,
     pc: u8,
-    command: Vec<u8>,
+    command: &[u8],
     mut stream: ByteStream,
     mut skip: usize,
     write_timeout: Duration,
@@ -104,10 +104,8 @@ pub async fn send_streamed<A>(
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    send(assoc, pc, command, None).await?;
-    let limit = pdv_limit(assoc);
-    let mut pending: Vec<u8> = Vec::with_capacity(limit);
-    let mut batch: Vec<u8> = Vec::with_capacity(BATCH + limit + 12);
+    let mut out = PDataEncoder::new(pc, pdv_limit(assoc));
+    out.command(command);
     while let Some(chunk) = stream
         .try_next()
         .await
@@ -119,64 +117,118 @@ where
             skip -= n;
             chunk = chunk.slice(n..);
         }
-        let mut rest = &chunk[..];
-        while !rest.is_empty() {
-            if pending.len() == limit {
-                let full = std::mem::replace(&mut pending, Vec::with_capacity(limit));
-                encode_data_pdu(&mut batch, pc, full, false)?;
-                if batch.len() >= BATCH {
-                    flush(assoc, &mut batch, write_timeout).await?;
-                }
-            }
-            let n = (limit - pending.len()).min(rest.len());
-            pending.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+        out.data(&chunk);
+        if out.closed_len() >= BATCH {
+            let n = out.closed_len();
+            write(assoc, &out.batch[..n], write_timeout).await?;
+            out.consume(n);
         }
     }
-    encode_data_pdu(&mut batch, pc, pending, true)?;
-    flush(assoc, &mut batch, write_timeout).await
+    out.end_data();
+    write(assoc, &out.batch, write_timeout).await
 }
 
 /// Encoded P-DATA PDUs are written in batches of about this size: one write per batch instead of
 /// one per PDV (receivers often take PDUs of 16 KB).
 const BATCH: usize = 256 * 1024;
 
-fn encode_data_pdu(
-    batch: &mut Vec<u8>,
+/// P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), encoded straight into a write batch: the data
+/// is copied once, from the storage chunk into the batch. A full data PDU stays open until more
+/// data arrives, since only then is it known not to be the last one.
+struct PDataEncoder {
+    batch: Vec<u8>,
     pc: u8,
-    data: Vec<u8>,
-    is_last: bool,
-) -> Result<(), ProtocolError> {
-    let pdu = Pdu::PData {
-        data: vec![PDataValue {
-            presentation_context_id: pc,
-            value_type: PDataValueType::Data,
-            is_last,
-            data,
-        }],
-    };
-    dicom_ul::write_pdu(batch, &pdu).map_err(|e| ProtocolError::Violation(e.to_string()))
+    limit: usize,
+    /// Where the open data PDU starts in `batch`.
+    open: Option<usize>,
 }
 
-/// Writes the batched PDUs straight to the association's socket (at a PDU boundary, as dicom-ul
+/// PDU type, reserved byte, PDU length; PDV length, context ID, message control header.
+const PDATA_HEADER: usize = 12;
+
+impl PDataEncoder {
+    fn new(pc: u8, limit: usize) -> PDataEncoder {
+        PDataEncoder {
+            batch: Vec::with_capacity(BATCH + limit + PDATA_HEADER),
+            pc,
+            limit,
+            open: None,
+        }
+    }
+
+    fn command(&mut self, command: &[u8]) {
+        let parts = command.len().div_ceil(self.limit).max(1);
+        for (i, part) in command.chunks(self.limit).enumerate() {
+            let start = self.begin();
+            self.batch.extend_from_slice(part);
+            self.close(start, 0x01 | if i + 1 == parts { 0x02 } else { 0 });
+        }
+    }
+
+    fn data(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let start = match self.open {
+                Some(start) if self.batch.len() - start - PDATA_HEADER == self.limit => {
+                    self.close(start, 0x00);
+                    self.begin()
+                }
+                Some(start) => start,
+                None => self.begin(),
+            };
+            self.open = Some(start);
+            let room = self.limit - (self.batch.len() - start - PDATA_HEADER);
+            let n = room.min(bytes.len());
+            self.batch.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// How many leading bytes of the batch are complete PDUs, ready to be written.
+    fn closed_len(&self) -> usize {
+        self.open.unwrap_or(self.batch.len())
+    }
+
+    /// Drops the first `n` bytes of the batch (written); the open PDU moves to the front.
+    fn consume(&mut self, n: usize) {
+        self.batch.drain(..n);
+        self.open = self.open.map(|start| start - n);
+    }
+
+    /// Marks the open data PDU as the last one (an empty one if there was no data).
+    fn end_data(&mut self) {
+        let start = self.open.take().unwrap_or_else(|| self.begin());
+        self.close(start, 0x02);
+    }
+
+    fn begin(&mut self) -> usize {
+        let start = self.batch.len();
+        self.batch.extend_from_slice(&[0; PDATA_HEADER]);
+        start
+    }
+
+    fn close(&mut self, start: usize, control: u8) {
+        let pdv_length = (self.batch.len() - start - PDATA_HEADER + 2) as u32;
+        let header = &mut self.batch[start..start + PDATA_HEADER];
+        header[0] = 0x04;
+        header[2..6].copy_from_slice(&(pdv_length + 4).to_be_bytes());
+        header[6..10].copy_from_slice(&pdv_length.to_be_bytes());
+        header[10] = self.pc;
+        header[11] = control;
+    }
+}
+
+/// Writes encoded PDUs straight to the association's socket (at a PDU boundary, as dicom-ul
 /// allows), within the write timeout.
-async fn flush<A>(
-    assoc: &mut A,
-    batch: &mut Vec<u8>,
-    write_timeout: Duration,
-) -> Result<(), ProtocolError>
+async fn write<A>(assoc: &mut A, bytes: &[u8], write_timeout: Duration) -> Result<(), ProtocolError>
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
     use tokio::io::AsyncWriteExt;
     let socket = AsyncAssociation::inner_stream(assoc);
-    match tokio::time::timeout(write_timeout, socket.write_all(batch)).await {
+    match tokio::time::timeout(write_timeout, socket.write_all(bytes)).await {
         Err(_) => Err(ProtocolError::Network("write timed out".into())),
         Ok(Err(e)) => Err(ProtocolError::Network(e.to_string())),
-        Ok(Ok(())) => {
-            batch.clear();
-            Ok(())
-        }
+        Ok(Ok(())) => Ok(()),
     }
 }
 
@@ -287,4 +339,86 @@ pub fn is_cancel_of(cmd: &Command, message_id: u16) -> Result<bool, ProtocolErro
         .u16(super::command::elem::MESSAGE_ID_BEING_RESPONDED_TO)
         .ok()
         == Some(message_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The PDVs of `batch` as (context, is command, is last, data), read back by dicom-ul.
+    fn pdvs(batch: &[u8]) -> Vec<(u8, bool, bool, Vec<u8>)> {
+        let mut buf = batch;
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            let Some(Pdu::PData { data }) = dicom_ul::read_pdu(&mut buf, 1 << 20, true).unwrap()
+            else {
+                panic!("not a P-DATA PDU");
+            };
+            assert_eq!(data.len(), 1, "one PDV per PDU");
+            let pdv = &data[0];
+            let is_command = pdv.value_type == PDataValueType::Command;
+            out.push((
+                pdv.presentation_context_id,
+                is_command,
+                pdv.is_last,
+                pdv.data.clone(),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn command_and_data_are_fragmented_to_the_limit_with_last_flags() {
+        let mut enc = PDataEncoder::new(3, 8);
+        enc.command(&[1; 10]);
+        enc.data(&[7; 5]);
+        enc.data(&[8; 6]);
+        enc.end_data();
+        let got = pdvs(&enc.batch);
+        assert_eq!(
+            got,
+            vec![
+                (3, true, false, vec![1; 8]),
+                (3, true, true, vec![1; 2]),
+                (3, false, false, [vec![7; 5], vec![8; 3]].concat()),
+                (3, false, true, vec![8; 3]),
+            ]
+        );
+    }
+
+    #[test]
+    fn data_ending_on_a_pdu_boundary_marks_that_pdu_last() {
+        let mut enc = PDataEncoder::new(1, 4);
+        enc.command(&[1, 2]);
+        enc.data(&[9; 8]);
+        enc.end_data();
+        let got = pdvs(&enc.batch);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1], (1, false, false, vec![9; 4]));
+        assert_eq!(got[2], (1, false, true, vec![9; 4]));
+    }
+
+    #[test]
+    fn no_data_gives_one_empty_last_data_pdv() {
+        let mut enc = PDataEncoder::new(1, 4);
+        enc.command(&[1, 2]);
+        enc.end_data();
+        assert_eq!(pdvs(&enc.batch)[1], (1, false, true, vec![]));
+    }
+
+    #[test]
+    fn only_closed_pdus_are_handed_out_and_the_open_one_survives() {
+        let mut enc = PDataEncoder::new(1, 4);
+        enc.command(&[1, 2]);
+        enc.data(&[5; 6]);
+        let n = enc.closed_len();
+        let written = enc.batch[..n].to_vec();
+        enc.consume(n);
+        enc.data(&[6; 1]);
+        enc.end_data();
+        let all = [written, enc.batch.clone()].concat();
+        let got = pdvs(&all);
+        assert_eq!(got[1], (1, false, false, vec![5; 4]));
+        assert_eq!(got[2], (1, false, true, vec![5, 5, 6]));
+    }
 }

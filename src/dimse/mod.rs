@@ -87,6 +87,10 @@ pub const TRANSFER_SYNTAXES: &[&str] = &[
 /// How long a new connection has to send its A-ASSOCIATE-RQ.
 const ASSOCIATION_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// ARTIM timer (PS3.8 9.1.5): how long to wait for the requestor to close the connection after
+/// an A-ASSOCIATE-RJ or A-ABORT before closing it ourselves.
+const ARTIM_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// What every association handler shares.
 pub struct Context {
     pub config: DimseConfig,
@@ -169,6 +173,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
+                    // dicom-ul closes the socket as soon as it has sent an A-ASSOCIATE-RJ, and a
+                    // requestor may then see the connection drop before it reads the rejection
+                    // (pynetdicom reports an abort). A second handle keeps the connection open so
+                    // that we can wait for the requestor to close it, as PS3.8 Sta13 says.
+                    let linger = duplicate(&socket);
                     // A peer that connects and sends no A-ASSOCIATE-RQ must not hold a slot for the
                     // whole read timeout.
                     let request_timeout = Duration::from_secs(ctx.config.read_timeout_secs)
@@ -176,9 +185,17 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
                     match tokio::time::timeout(request_timeout, options.establish_async(socket))
                         .await
                     {
-                        Ok(Ok(assoc)) => association::run(assoc, &ctx, peer).await,
+                        Ok(Ok(assoc)) => {
+                            drop(linger);
+                            association::run(assoc, &ctx, peer).await;
+                        }
                         Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "association not established")
+                            tracing::info!(%peer, error = %e, "association not established");
+                            drop(permit);
+                            if let Some(socket) = linger {
+                                await_peer_close(socket).await;
+                            }
+                            return;
                         }
                         Err(_) => tracing::info!(%peer, "no association request in time"),
                     }
@@ -216,9 +233,26 @@ async fn reject_busy(mut socket: TcpStream, timeout_secs: u64) {
         ),
     });
     let mut buf = Vec::new();
-    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() {
-        let _ = socket.write_all(&buf).await;
+    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() && socket.write_all(&buf).await.is_ok() {
+        await_peer_close(socket).await;
     }
+}
+
+/// A second handle on the same connection (a duplicated descriptor), or None if the system
+/// refuses one; then the connection simply closes with the first handle.
+fn duplicate(socket: &TcpStream) -> Option<TcpStream> {
+    use std::os::fd::AsFd;
+    let fd = socket.as_fd().try_clone_to_owned().ok()?;
+    let std_socket = std::net::TcpStream::from(fd);
+    std_socket.set_nonblocking(true).ok()?;
+    TcpStream::from_std(std_socket).ok()
+}
+
+/// Waits, at most the ARTIM time, for the requestor to close the connection, discarding whatever
+/// it still sends; then closes our side.
+async fn await_peer_close(mut socket: TcpStream) {
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(ARTIM_TIMEOUT, tokio::io::copy(&mut socket, &mut sink)).await;
 }
 
 #[cfg(test)]

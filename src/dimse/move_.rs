@@ -97,6 +97,7 @@ pub async fn run(
     let mut requester_inbox = Inbox::default();
     let mut sub_inbox = Inbox::default();
     let mut sub_alive = true;
+    let mut read_ahead = retrieve::ReadAhead::new(ctx, &contexts, &instances);
     for (n, inst) in instances.iter().enumerate() {
         // The requester gone or broken: the destination association is aborted with it.
         match message::cancel_requested(assoc, &mut requester_inbox, req.message_id()).await {
@@ -111,18 +112,23 @@ pub async fn run(
             }
         }
         let message_id = (n % 0xFFFF) as u16 + 1;
-        let outcome = retrieve::store(
-            &mut sub,
-            &mut sub_inbox,
-            ctx,
-            &contexts,
-            inst,
-            message_id,
-            Some(&originator),
-            &mut progress,
-            None,
-        )
-        .await;
+        let outcome = match read_ahead.take(n).await {
+            Ok(prepared) => {
+                retrieve::store(
+                    &mut sub,
+                    &mut sub_inbox,
+                    ctx,
+                    inst,
+                    prepared,
+                    message_id,
+                    Some(&originator),
+                    &mut progress,
+                    None,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(store_status) => progress.record(inst, Some(store_status)),
             Err(SubOpError::Failed(why)) => {

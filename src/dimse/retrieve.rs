@@ -7,6 +7,7 @@
 //! and a compressed one the receiver cannot take counts as a failed sub-operation.
 
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
@@ -16,6 +17,7 @@ use dicom_ul::association::AsyncAssociation;
 use futures::{StreamExt, TryStreamExt};
 use sqlx::Row;
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 use super::command::{elem, field, CommandBuilder, DATA_SET_PRESENT};
 use super::message::{self, Inbox, ProtocolError};
@@ -24,7 +26,7 @@ use super::{dataset, Context};
 use crate::index::query::{Level, Query};
 use crate::ingest::layout::read_meta_extent;
 use crate::model::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
-use crate::storage::read_all;
+use crate::storage::{read_all, ObjectStore};
 
 /// The file meta group of a stored object is looked for in this many leading bytes at most.
 const META_READ: usize = 16 * 1024;
@@ -336,15 +338,127 @@ pub struct Originator<'a> {
     pub message_id: u16,
 }
 
-/// Sends one instance as a C-STORE sub-operation and waits for its response. While waiting, a
-/// C-CANCEL for `cancel_of` (C-GET: same association) sets `progress.cancelled`.
+/// One instance read from storage and ready to go out on a presentation context.
+pub struct Prepared {
+    pc: u8,
+    body: Body,
+}
+
+enum Body {
+    /// The stored object from its data set on (the file meta group is skipped).
+    AsStored {
+        stream: crate::storage::ByteStream,
+        dataset_start: usize,
+    },
+    /// A native object re-encoded in the context's transfer syntax (one instance in memory).
+    Reencoded(Vec<u8>),
+}
+
+/// Reads an instance from storage for sending: as stored if the receiver accepted its transfer
+/// syntax, else re-encoded (native only).
+async fn prepare(
+    store: Arc<dyn ObjectStore>,
+    contexts: Arc<[OutContext]>,
+    inst: Instance,
+) -> Result<Prepared, SubOpError> {
+    let Some(encoding) = choose(&contexts, &inst) else {
+        return Err(SubOpError::Failed(format!(
+            "no accepted presentation context for {} in {}",
+            inst.sop_class_uid, inst.transfer_syntax_uid
+        )));
+    };
+    let storage = |e: crate::storage::StorageError| SubOpError::Failed(e.to_string());
+    match encoding {
+        Encoding::AsStored(pc) => {
+            let (_, stream) = store.get(&inst.storage_key).await.map_err(storage)?;
+            let (stream, dataset_start) = split_file_meta(stream).await?;
+            Ok(Prepared {
+                pc,
+                body: Body::AsStored {
+                    stream,
+                    dataset_start,
+                },
+            })
+        }
+        Encoding::Reencoded(pc, ts) => {
+            let bytes = read_all(store.as_ref(), &inst.storage_key)
+                .await
+                .map_err(storage)?;
+            let ts = ts.to_string();
+            let data = tokio::task::spawn_blocking(move || transcode::to_dataset(&bytes, &ts))
+                .await
+                .map_err(|e| SubOpError::Failed(e.to_string()))?
+                .map_err(|e| SubOpError::Failed(e.to_string()))?;
+            Ok(Prepared {
+                pc,
+                body: Body::Reencoded(data),
+            })
+        }
+    }
+}
+
+/// Reads the next instance from storage while the current one is on the wire and its C-STORE
+/// response is awaited, so that a sub-operation does not wait for storage as well. One instance
+/// ahead at most: with the store's whole reads of small objects, two instances in memory.
+pub struct ReadAhead<'a> {
+    store: Arc<dyn ObjectStore>,
+    contexts: Arc<[OutContext]>,
+    instances: &'a [Instance],
+    next: Option<(usize, JoinHandle<Result<Prepared, SubOpError>>)>,
+}
+
+impl<'a> ReadAhead<'a> {
+    pub fn new(ctx: &Context, contexts: &[OutContext], instances: &'a [Instance]) -> Self {
+        ReadAhead {
+            store: ctx.store.clone(),
+            contexts: contexts.into(),
+            instances,
+            next: None,
+        }
+    }
+
+    /// Instance `n`, read (or being read) ahead; starts reading instance `n + 1`.
+    pub async fn take(&mut self, n: usize) -> Result<Prepared, SubOpError> {
+        let current = match self.next.take() {
+            Some((i, handle)) if i == n => handle,
+            other => {
+                if let Some((_, stale)) = other {
+                    stale.abort();
+                }
+                self.spawn(n)
+            }
+        };
+        if n + 1 < self.instances.len() {
+            self.next = Some((n + 1, self.spawn(n + 1)));
+        }
+        current
+            .await
+            .map_err(|e| SubOpError::Failed(format!("storage read task: {e}")))?
+    }
+
+    fn spawn(&self, n: usize) -> JoinHandle<Result<Prepared, SubOpError>> {
+        let (store, contexts) = (self.store.clone(), self.contexts.clone());
+        tokio::spawn(prepare(store, contexts, self.instances[n].clone()))
+    }
+}
+
+impl Drop for ReadAhead<'_> {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.next.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// Sends one prepared instance as a C-STORE sub-operation and waits for its response. While
+/// waiting, a C-CANCEL for `cancel_of` (C-GET: same association) sets `progress.cancelled`.
 #[allow(clippy::too_many_arguments)]
 pub async fn store<A>(
     assoc: &mut A,
     inbox: &mut Inbox,
     ctx: &Context,
-    contexts: &[OutContext],
     inst: &Instance,
+    prepared: Prepared,
     message_id: u16,
     originator: Option<&Originator<'_>>,
     progress: &mut Progress,
@@ -353,12 +467,6 @@ pub async fn store<A>(
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    let Some(encoding) = choose(contexts, inst) else {
-        return Err(SubOpError::Failed(format!(
-            "no accepted presentation context for {} in {}",
-            inst.sop_class_uid, inst.transfer_syntax_uid
-        )));
-    };
     let mut b = CommandBuilder::new()
         .uid(elem::AFFECTED_SOP_CLASS_UID, &inst.sop_class_uid)
         .u16(elem::COMMAND_FIELD, field::C_STORE_RQ)
@@ -372,24 +480,18 @@ where
             .u16(elem::MOVE_ORIGINATOR_MESSAGE_ID, o.message_id);
     }
     let command = b.encode();
-    let store = ctx.store.as_ref();
-    let storage = |e: crate::storage::StorageError| SubOpError::Failed(e.to_string());
-    match encoding {
-        Encoding::AsStored(pc) => {
-            let (_, stream) = store.get(&inst.storage_key).await.map_err(storage)?;
-            let (stream, dataset_start) = split_file_meta(stream).await?;
+    let pc = prepared.pc;
+    match prepared.body {
+        Body::AsStored {
+            stream,
+            dataset_start,
+        } => {
             let write_timeout = Duration::from_secs(ctx.config.write_timeout_secs);
-            message::send_streamed(assoc, pc, command, stream, dataset_start, write_timeout)
+            message::send_streamed(assoc, pc, &command, stream, dataset_start, write_timeout)
                 .await
                 .map_err(SubOpError::Protocol)?;
         }
-        Encoding::Reencoded(pc, ts) => {
-            let bytes = read_all(store, &inst.storage_key).await.map_err(storage)?;
-            let ts = ts.to_string();
-            let data = tokio::task::spawn_blocking(move || transcode::to_dataset(&bytes, &ts))
-                .await
-                .map_err(|e| SubOpError::Failed(e.to_string()))?
-                .map_err(|e| SubOpError::Failed(e.to_string()))?;
+        Body::Reencoded(data) => {
             message::send(assoc, pc, command, Some(&data))
                 .await
                 .map_err(SubOpError::Protocol)?;

@@ -17,9 +17,10 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
 
 from gw_samples import Sample
@@ -141,6 +142,35 @@ def association(gw, contexts=None, called_ae: str | None = None, calling: str = 
     finally:
         if assoc.is_established:
             assoc.release()
+        ae.shutdown()
+
+
+def association_rejection(gw, called_ae: str | None = None) -> tuple[int, int, int] | None:
+    """(result, source, reason) of the A-ASSOCIATE-RJ the gateway answers a request with, or None.
+
+    Read from the PDU as pynetdicom's transport thread decodes it: when a rejection arrives very fast,
+    pynetdicom 3.0.4's requestor thread can find the transport already closed (by pynetdicom itself,
+    on the RJ) and report an abort, so `Association.is_rejected` is not reliable here."""
+    ae = make_ae("PYTEST")
+    ae.add_requested_context(Verification)
+    received = []
+
+    def on_pdu(event):
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            received.append((event.pdu.result, event.pdu.source, event.pdu.reason_diagnostic))
+
+    try:
+        assoc = ae.associate(gw.host, gw.dimse_port, ae_title=called_ae or gw.ae_title,
+                             evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+        if assoc.is_established:
+            assoc.release()
+            return None
+        # The requestor thread may return before the transport thread has handled the PDU.
+        deadline = time.monotonic() + 5
+        while not received and assoc.dul.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return received[0] if received else None
+    finally:
         ae.shutdown()
 
 

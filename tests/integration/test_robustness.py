@@ -7,7 +7,7 @@ import socket
 import struct
 import time
 
-from gw_dimse import association, contexts_for, cut_connection, echo_status, echoscu, send_partial_c_store
+from gw_dimse import association, association_rejection, contexts_for, cut_connection, echo_status, echoscu, send_partial_c_store
 from gw_samples import derived_uid, synthetic_instance
 from gw_web import client, instance_json
 
@@ -76,8 +76,10 @@ def test_wrong_called_ae_title_is_rejected(gateway):
     assert r.returncode != 0, "echoscu to a wrong called AE title succeeded"
     out = (r.stdout + r.stderr).lower()
     assert "rejected" in out and "called ae title not recognized" in out, out[-800:]
-    with association(gateway, called_ae="NOTDICOMGW", require=False) as assoc:
-        assert assoc.is_rejected, "pynetdicom association with a wrong called AE title was not rejected"
+    # Repeated: the rejection must come every time (PS3.8 9.3.4: permanent, service user,
+    # called AE title not recognized).
+    for attempt in range(20):
+        assert association_rejection(gateway, called_ae="NOTDICOMGW") == (1, 1, 7), f"attempt {attempt}"
 
 
 def test_called_ae_title_check_can_be_turned_off(gateway_factory):
@@ -106,3 +108,25 @@ def test_echo_still_works_after_many_short_associations(gateway):
         with association(gateway) as assoc:
             assert echo_status(assoc) == 0x0000
     assert_echo_works(gateway)
+
+
+def test_association_cap_rejects_transiently_and_frees_slots(gateway_factory):
+    gw = gateway_factory(env={"DICOMGW_DIMSE__MAX_ASSOCIATIONS": "2"})
+    with association(gw) as first, association(gw):
+        for attempt in range(5):
+            # PS3.8 9.3.4: rejected-transient, service provider (presentation), local-limit-exceeded.
+            assert association_rejection(gw) == (2, 3, 2), f"attempt {attempt}"
+        r = echoscu(gw.dimse_port, gw.ae_title)
+        out = (r.stdout + r.stderr).lower()
+        assert r.returncode != 0, "echoscu got an association beyond the cap"
+        assert "rejected transient" in out and "local limit exceeded" in out, out[-800:]
+        assert echo_status(first) == 0x0000
+    # The slots are free again once the gateway has seen both releases.
+    deadline = time.monotonic() + 5
+    while True:
+        with association(gw, require=False) as again:
+            if again.is_established:
+                assert echo_status(again) == 0x0000
+                break
+        assert time.monotonic() < deadline, "slots not freed after both associations were released"
+        time.sleep(0.05)
