@@ -186,7 +186,14 @@ impl PendingStore {
 }
 
 async fn ingest(ctx: &Context, spool: SpoolWriter, expected: &Expected) -> Reply {
-    match ctx.ingestor.ingest(spool.finish(), Some(expected)).await {
+    let spooled = match spool.finish().await {
+        Ok(spooled) => spooled,
+        Err(e) => {
+            tracing::error!(error = %e, "spool write failed");
+            return Reply::failure(status::OUT_OF_RESOURCES, "cannot spool the object");
+        }
+    };
+    match ctx.ingestor.ingest(spooled, Some(expected)).await {
         Ok(Outcome::Stored | Outcome::DuplicateKept | Outcome::Replaced) => Reply {
             status: status::SUCCESS,
             comment: None,

@@ -206,7 +206,7 @@ impl Ingestor {
         while let Some(chunk) = stream.try_next().await.map_err(io)? {
             spool.write(&chunk).await.map_err(io)?;
         }
-        let mut spooled = spool.finish();
+        let mut spooled = spool.finish().await.map_err(io)?;
         let owned_key = key.to_string();
         let parsed = tokio::task::spawn_blocking(move || {
             spooled.write_tail().map_err(spool_error)?;

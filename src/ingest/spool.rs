@@ -8,12 +8,16 @@ use std::sync::{Arc, Mutex};
 use dicom_object::FileMetaTable;
 use tempfile::TempPath;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::storage::{ObjectStore, StorageError};
 
 pub struct SpoolWriter {
-    /// None only while a full buffer is being written by a blocking task.
+    /// The file, unless a full buffer is being written to it (`writing`).
     file: Option<std::fs::File>,
+    /// The blocking write of the previous full buffer: it runs while the next one fills (the
+    /// network receive is not held up by the disk), and hands the file back.
+    writing: Option<JoinHandle<(std::fs::File, std::io::Result<()>)>>,
     buf: Vec<u8>,
     path: TempPath,
     size: u64,
@@ -106,6 +110,7 @@ impl SpoolWriter {
         let (file, path) = files.take().await?;
         Ok(SpoolWriter {
             file: Some(file),
+            writing: None,
             buf: Vec::with_capacity(BUFFER),
             path,
             size: 0,
@@ -128,22 +133,30 @@ impl SpoolWriter {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.buf.extend_from_slice(bytes);
-        self.size += bytes.len() as u64;
-        if self.buf.len() >= BUFFER {
-            let mut file = self.file.take().expect("spool file present between writes");
+        // Hand the buffer over before it would have to grow (a reallocation copies it).
+        if !self.buf.is_empty() && self.buf.len() + bytes.len() > BUFFER {
+            let file = self.reclaim().await?;
             let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER));
-            let (file, written) = tokio::task::spawn_blocking(move || {
+            self.writing = Some(tokio::task::spawn_blocking(move || {
                 use std::io::Write;
+                let mut file = file;
                 let written = file.write_all(&buf);
                 (file, written)
-            })
-            .await
-            .expect("spool write task panicked");
+            }));
+        }
+        self.buf.extend_from_slice(bytes);
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The file, once the write in progress (if any) has finished; its error, if it failed.
+    async fn reclaim(&mut self) -> std::io::Result<std::fs::File> {
+        if let Some(writing) = self.writing.take() {
+            let (file, written) = writing.await.expect("spool write task panicked");
             self.file = Some(file);
             written?;
         }
-        Ok(())
+        Ok(self.file.take().expect("spool file present between writes"))
     }
 
     /// Bytes written so far (preamble and meta included).
@@ -151,14 +164,16 @@ impl SpoolWriter {
         self.size
     }
 
-    /// The spool file with its unwritten last bytes (see [`Spooled::write_tail`]).
-    pub fn finish(self) -> Spooled {
-        Spooled {
+    /// The spool file with its unwritten last bytes (see [`Spooled::write_tail`]), once the write
+    /// in progress has finished.
+    pub async fn finish(mut self) -> std::io::Result<Spooled> {
+        let file = self.reclaim().await?;
+        Ok(Spooled {
             path: self.path,
             size: self.size,
-            file: self.file.expect("spool file present between writes"),
+            file,
             tail: self.buf,
-        }
+        })
     }
 }
 
