@@ -56,6 +56,12 @@ pub struct DimseConfig {
     pub peers: Vec<PeerConfig>,
 }
 
+impl DimseConfig {
+    pub fn write_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.write_timeout_secs)
+    }
+}
+
 /// A known application entity (`[[dimse.peers]]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -148,7 +148,8 @@ impl Connection<'_> {
             match self.on_pdv(pdv).await? {
                 None => {}
                 Some(Action::Respond(pc, response)) => {
-                    message::send(assoc, pc, response, None).await?
+                    message::send(assoc, pc, &response, None, self.ctx.config.write_timeout())
+                        .await?
                 }
                 Some(Action::Run(req)) => self.run_qr(assoc, *req).await?,
             }
@@ -219,6 +220,7 @@ impl Connection<'_> {
                     identifier: buf,
                     calling_ae: self.calling_ae.to_string(),
                     peer: self.peer,
+                    write_timeout: self.ctx.config.write_timeout(),
                 }))))
             }
             (State::Command { .. }, PDataValueType::Data) => Err(ProtocolError::Violation(
@@ -326,7 +328,7 @@ impl Connection<'_> {
                 &format!("SOP class {sop_class} is not supported for this operation"),
             )
             .encode();
-            return message::send(assoc, req.pc, rsp, None).await;
+            return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
         };
         match command_field {
             field::C_FIND_RQ => super::find::run(assoc, self.ctx, req, model).await,

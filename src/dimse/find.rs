@@ -199,7 +199,7 @@ pub async fn run(
         tracing::warn!(target: "audit", calling_ae = %req.calling_ae, peer = %req.peer, "C-FIND refused: not a peer allowed to query");
         let comment = "calling AE title is not allowed to query";
         let rsp = final_response(status::NOT_AUTHORIZED, Some(comment));
-        return message::send(assoc, req.pc, rsp, None).await;
+        return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
     }
     let parsed = dataset::decode(&req.identifier, &req.transfer_syntax)
         .map_err(|e| Failure::new(status::UNABLE_TO_PROCESS, format!("identifier: {e}")))
@@ -209,7 +209,7 @@ pub async fn run(
         Err(f) => {
             tracing::warn!(calling_ae = %req.calling_ae, status = format!("{:04X}", f.status), comment = %f.comment, "C-FIND refused");
             let rsp = final_response(f.status, Some(&f.comment));
-            return message::send(assoc, req.pc, rsp, None).await;
+            return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
         }
     };
     tracing::info!(target: "audit", calling_ae = %req.calling_ae, level = plan.level.as_str(), "C-FIND");
@@ -243,7 +243,7 @@ pub async fn run(
             }
         };
         let command = qr::response(&req, field::C_FIND_RSP, pending, true).encode();
-        message::send(assoc, req.pc, command, Some(&data)).await?;
+        message::send(assoc, req.pc, &command, Some(&data), req.write_timeout).await?;
         matches += 1;
         if cancel_requested(assoc, &mut inbox, req.message_id()).await? {
             break Ok(true);
@@ -258,7 +258,7 @@ pub async fn run(
         }
         Err(f) => final_response(f.status, Some(&f.comment)),
     };
-    message::send(assoc, req.pc, rsp, None).await
+    message::send(assoc, req.pc, &rsp, None, req.write_timeout).await
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ pub async fn run(
         }
         // Sub-operation message IDs count down from the top, away from the requester's own IDs.
         let message_id = 0xFFFF - (n % 0x7FFF) as u16;
-        let outcome = match read_ahead.take(n).await {
+        let outcome = match read_ahead.take().await {
             Ok(prepared) => {
                 retrieve::store(
                     assoc,

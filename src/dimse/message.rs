@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dicom_ul::association::{Association, AsyncAssociation};
-use dicom_ul::pdu::{PDataValue, PDataValueType};
+use dicom_ul::pdu::PDataValueType;
 use dicom_ul::Pdu;
 use futures::TryStreamExt;
 use tokio::net::TcpStream;
@@ -39,54 +39,29 @@ fn pdv_limit<A: Association>(assoc: &A) -> usize {
     }
 }
 
-async fn send_pdv<A>(
-    assoc: &mut A,
-    pc: u8,
-    value_type: PDataValueType,
-    data: Vec<u8>,
-    is_last: bool,
-) -> Result<(), ProtocolError>
-where
-    A: AsyncAssociation<TcpStream> + Send,
-{
-    let pdu = Pdu::PData {
-        data: vec![PDataValue {
-            presentation_context_id: pc,
-            value_type,
-            is_last,
-            data,
-        }],
-    };
-    AsyncAssociation::send(assoc, &pdu)
-        .await
-        .map_err(|e| ProtocolError::Network(e.to_string()))
-}
-
-/// Sends a command set, then its data set (if any), fragmented to the peer's PDU size.
+/// Sends a command set, then its data set (if any), fragmented to the peer's PDU size and written
+/// in batches, each within `write_timeout`.
 pub async fn send<A>(
     assoc: &mut A,
     pc: u8,
-    command: Vec<u8>,
+    command: &[u8],
     data: Option<&[u8]>,
+    write_timeout: Duration,
 ) -> Result<(), ProtocolError>
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    let limit = pdv_limit(assoc);
-    for (i, part) in command.chunks(limit).enumerate() {
-        let last = (i + 1) * limit >= command.len();
-        send_pdv(assoc, pc, PDataValueType::Command, part.to_vec(), last).await?;
-    }
+    let mut out = PDataEncoder::new(pc, pdv_limit(assoc));
+    out.command(command);
     if let Some(data) = data {
-        if data.is_empty() {
-            return send_pdv(assoc, pc, PDataValueType::Data, Vec::new(), true).await;
+        // In batches, like a streamed data set: a large re-encoded instance is not copied whole.
+        for chunk in data.chunks(BATCH) {
+            out.data(chunk);
+            write_closed(assoc, &mut out, write_timeout).await?;
         }
-        for (i, part) in data.chunks(limit).enumerate() {
-            let last = (i + 1) * limit >= data.len();
-            send_pdv(assoc, pc, PDataValueType::Data, part.to_vec(), last).await?;
-        }
+        out.end_data();
     }
-    Ok(())
+    write(assoc, &out.batch, write_timeout).await
 }
 
 /// Sends a command set, then a data set read from `stream` chunk by chunk (only one write's worth
@@ -118,11 +93,7 @@ where
             chunk = chunk.slice(n..);
         }
         out.data(&chunk);
-        if out.closed_len() >= BATCH {
-            let n = out.closed_len();
-            write(assoc, &out.batch[..n], write_timeout).await?;
-            out.consume(n);
-        }
+        write_closed(assoc, &mut out, write_timeout).await?;
     }
     out.end_data();
     write(assoc, &out.batch, write_timeout).await
@@ -215,6 +186,23 @@ impl PDataEncoder {
         header[10] = self.pc;
         header[11] = control;
     }
+}
+
+/// Writes the complete PDUs of the batch once they fill a batch.
+async fn write_closed<A>(
+    assoc: &mut A,
+    out: &mut PDataEncoder,
+    write_timeout: Duration,
+) -> Result<(), ProtocolError>
+where
+    A: AsyncAssociation<TcpStream> + Send,
+{
+    let n = out.closed_len();
+    if n >= BATCH {
+        write(assoc, &out.batch[..n], write_timeout).await?;
+        out.consume(n);
+    }
+    Ok(())
 }
 
 /// Writes encoded PDUs straight to the association's socket (at a PDU boundary, as dicom-ul

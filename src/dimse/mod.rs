@@ -28,6 +28,7 @@ mod qr;
 mod retrieve;
 pub mod store;
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,7 +144,7 @@ fn association_options(config: &DimseConfig) -> Options {
         .max_pdu_length(config.max_pdu_length)
         .strict(true)
         .read_timeout(Duration::from_secs(config.read_timeout_secs))
-        .write_timeout(Duration::from_secs(config.write_timeout_secs))
+        .write_timeout(config.write_timeout())
         .with_negotiation(Roles)
         .with_abstract_syntax(echo::VERIFICATION);
     for ts in TRANSFER_SYNTAXES {
@@ -177,7 +178,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
                     // requestor may then see the connection drop before it reads the rejection
                     // (pynetdicom reports an abort). A second handle keeps the connection open so
                     // that we can wait for the requestor to close it, as PS3.8 Sta13 says.
-                    let linger = duplicate(&socket);
+                    let linger = socket.as_fd().try_clone_to_owned().ok();
                     // A peer that connects and sends no A-ASSOCIATE-RQ must not hold a slot for the
                     // whole read timeout.
                     let request_timeout = Duration::from_secs(ctx.config.read_timeout_secs)
@@ -192,7 +193,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "association not established");
                             drop(permit);
-                            if let Some(socket) = linger {
+                            if let Some(socket) = linger.and_then(|fd| registered(fd).ok()) {
                                 await_peer_close(socket).await;
                             }
                             return;
@@ -238,14 +239,12 @@ async fn reject_busy(mut socket: TcpStream, timeout_secs: u64) {
     }
 }
 
-/// A second handle on the same connection (a duplicated descriptor), or None if the system
-/// refuses one; then the connection simply closes with the first handle.
-fn duplicate(socket: &TcpStream) -> Option<TcpStream> {
-    use std::os::fd::AsFd;
-    let fd = socket.as_fd().try_clone_to_owned().ok()?;
-    let std_socket = std::net::TcpStream::from(fd);
-    std_socket.set_nonblocking(true).ok()?;
-    TcpStream::from_std(std_socket).ok()
+/// The duplicated descriptor of a connection as a tokio socket (registered with the runtime only
+/// when it is needed: after a rejection).
+fn registered(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
+    let socket = std::net::TcpStream::from(fd);
+    socket.set_nonblocking(true)?;
+    TcpStream::from_std(socket)
 }
 
 /// Waits, at most the ARTIM time, for the requestor to close the connection, discarding whatever

@@ -59,7 +59,7 @@ pub async fn run(
         .called_ae_title(destination.ae_title.trim().to_string())
         .max_pdu_length(ctx.config.max_pdu_length)
         .read_timeout(Duration::from_secs(ctx.config.read_timeout_secs))
-        .write_timeout(Duration::from_secs(ctx.config.write_timeout_secs))
+        .write_timeout(ctx.config.write_timeout())
         .connection_timeout(CONNECT_TIMEOUT);
     for (abstract_syntax, transfer_syntaxes) in retrieve::proposed_contexts(&instances) {
         options = options.with_presentation_context(abstract_syntax, transfer_syntaxes);
@@ -112,7 +112,7 @@ pub async fn run(
             }
         }
         let message_id = (n % 0xFFFF) as u16 + 1;
-        let outcome = match read_ahead.take(n).await {
+        let outcome = match read_ahead.take().await {
             Ok(prepared) => {
                 retrieve::store(
                     &mut sub,

@@ -137,6 +137,8 @@ pub struct Request {
     pub identifier: Vec<u8>,
     pub calling_ae: String,
     pub peer: SocketAddr,
+    /// For every message written back on this association.
+    pub write_timeout: std::time::Duration,
 }
 
 impl Request {

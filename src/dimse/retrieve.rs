@@ -274,7 +274,7 @@ impl Progress {
     {
         let b = qr::response(req, rsp_field, status::PENDING, false);
         let command = self.with_counts(b, true).encode();
-        message::send(assoc, req.pc, command, None).await
+        message::send(assoc, req.pc, &command, None, req.write_timeout).await
     }
 
     /// The final response; its identifier lists the failed SOP instances when there are any.
@@ -304,7 +304,14 @@ impl Progress {
         if let Some(c) = comment {
             b = b.text(elem::ERROR_COMMENT, c);
         }
-        message::send(assoc, req.pc, b.encode(), data.as_deref()).await
+        message::send(
+            assoc,
+            req.pc,
+            &b.encode(),
+            data.as_deref(),
+            req.write_timeout,
+        )
+        .await
     }
 }
 
@@ -321,7 +328,7 @@ where
     tracing::warn!(calling_ae = %req.calling_ae, status = format!("{:04X}", failure.status), comment = %failure.comment, "retrieve refused");
     let b = qr::response(req, rsp_field, failure.status, false)
         .text(elem::ERROR_COMMENT, &failure.comment);
-    message::send(assoc, req.pc, b.encode(), None).await
+    message::send(assoc, req.pc, &b.encode(), None, req.write_timeout).await
 }
 
 /// Why a sub-operation did not deliver its instance.
@@ -403,48 +410,43 @@ async fn prepare(
 pub struct ReadAhead<'a> {
     store: Arc<dyn ObjectStore>,
     contexts: Arc<[OutContext]>,
-    instances: &'a [Instance],
-    next: Option<(usize, JoinHandle<Result<Prepared, SubOpError>>)>,
+    /// The instances not yet handed out, in order.
+    rest: std::slice::Iter<'a, Instance>,
+    next: Option<JoinHandle<Result<Prepared, SubOpError>>>,
 }
 
 impl<'a> ReadAhead<'a> {
     pub fn new(ctx: &Context, contexts: &[OutContext], instances: &'a [Instance]) -> Self {
-        ReadAhead {
+        let mut ahead = ReadAhead {
             store: ctx.store.clone(),
             contexts: contexts.into(),
-            instances,
+            rest: instances.iter(),
             next: None,
-        }
+        };
+        ahead.next = ahead.spawn_next();
+        ahead
     }
 
-    /// Instance `n`, read (or being read) ahead; starts reading instance `n + 1`.
-    pub async fn take(&mut self, n: usize) -> Result<Prepared, SubOpError> {
-        let current = match self.next.take() {
-            Some((i, handle)) if i == n => handle,
-            other => {
-                if let Some((_, stale)) = other {
-                    stale.abort();
-                }
-                self.spawn(n)
-            }
-        };
-        if n + 1 < self.instances.len() {
-            self.next = Some((n + 1, self.spawn(n + 1)));
-        }
+    /// The next instance in order, read (or being read) ahead; starts reading the one after it.
+    /// Call it once per instance.
+    pub async fn take(&mut self) -> Result<Prepared, SubOpError> {
+        let current = self.next.take().expect("an instance is left to take");
+        self.next = self.spawn_next();
         current
             .await
             .map_err(|e| SubOpError::Failed(format!("storage read task: {e}")))?
     }
 
-    fn spawn(&self, n: usize) -> JoinHandle<Result<Prepared, SubOpError>> {
+    fn spawn_next(&mut self) -> Option<JoinHandle<Result<Prepared, SubOpError>>> {
+        let inst = self.rest.next()?.clone();
         let (store, contexts) = (self.store.clone(), self.contexts.clone());
-        tokio::spawn(prepare(store, contexts, self.instances[n].clone()))
+        Some(tokio::spawn(prepare(store, contexts, inst)))
     }
 }
 
 impl Drop for ReadAhead<'_> {
     fn drop(&mut self) {
-        if let Some((_, handle)) = self.next.take() {
+        if let Some(handle) = self.next.take() {
             handle.abort();
         }
     }
@@ -480,23 +482,19 @@ where
             .u16(elem::MOVE_ORIGINATOR_MESSAGE_ID, o.message_id);
     }
     let command = b.encode();
-    let pc = prepared.pc;
-    match prepared.body {
+    let (pc, write_timeout) = (prepared.pc, ctx.config.write_timeout());
+    let sent = match prepared.body {
         Body::AsStored {
             stream,
             dataset_start,
         } => {
-            let write_timeout = Duration::from_secs(ctx.config.write_timeout_secs);
-            message::send_streamed(assoc, pc, &command, stream, dataset_start, write_timeout)
-                .await
-                .map_err(SubOpError::Protocol)?;
+            message::send_streamed(assoc, pc, &command, stream, dataset_start, write_timeout).await
         }
         Body::Reencoded(data) => {
-            message::send(assoc, pc, command, Some(&data))
-                .await
-                .map_err(SubOpError::Protocol)?;
+            message::send(assoc, pc, &command, Some(&data), write_timeout).await
         }
-    }
+    };
+    sent.map_err(SubOpError::Protocol)?;
     let timeout = Duration::from_secs(ctx.config.read_timeout_secs);
     loop {
         let pdu = message::receive(assoc, timeout)
