@@ -4,12 +4,15 @@
 //! - [`writer`]: the single writer task; batches concurrent inserts into one transaction (group commit).
 //! - [`query`]: the matching engine shared by QIDO-RS (and C-FIND): query model -> SQL.
 //! - [`record`]: what ingest hands to the index for one instance.
+//! - [`temporal`]: DA, TM and DT values normalised for storage and range matching.
 //!
 //! Architecture invariant: a row is inserted only for an object that is already durable in storage,
 //! and rows are deleted before their objects, so the index never points at a missing object.
 
+mod backfill;
 pub mod query;
 pub mod record;
+pub mod temporal;
 mod writer;
 
 use std::str::FromStr;
@@ -98,6 +101,7 @@ impl Index {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&migrator).await?;
+        backfill::run(&migrator).await?;
         migrator.close().await;
         let path = std::sync::Arc::new(options.get_filename().to_path_buf());
         let writer = writer::WriterHandle::spawn(&path)?;

@@ -9,6 +9,8 @@
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 
+use super::temporal::{date_matcher, datetime_matcher, parse_offset, time_matcher};
+
 /// The level a query returns entities of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -41,6 +43,8 @@ enum Kind {
     Uid,
     Date,
     Time,
+    /// DT: compared in UTC when an offset is known (`temporal`).
+    DateTime,
     Integer,
     /// ModalitiesInStudy: matches when any series of the study matches.
     ModalitiesInStudy,
@@ -150,6 +154,12 @@ pub static COLUMNS: &[Column] = &[
     ),
     col!(tags::CONTENT_DATE, Instance, "i.content_date", Date),
     col!(tags::CONTENT_TIME, Instance, "i.content_time", Time),
+    col!(
+        tags::ACQUISITION_DATE_TIME,
+        Instance,
+        "i.acquisition_datetime",
+        DateTime
+    ),
 ];
 
 pub fn column_for(tag: Tag) -> Option<&'static Column> {
@@ -170,9 +180,12 @@ pub enum Matcher {
 }
 
 #[derive(Debug, Clone)]
-pub struct Filter {
-    pub column: &'static Column,
-    pub matcher: Matcher,
+struct Filter {
+    column: &'static Column,
+    matcher: Matcher,
+    /// The value as given, kept for DT keys: a Timezone Offset From UTC that arrives later renormalises
+    /// them.
+    value: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -189,7 +202,9 @@ pub enum MatchError {
 #[derive(Debug, Clone)]
 pub struct Query {
     pub level: Level,
-    pub filters: Vec<Filter>,
+    filters: Vec<Filter>,
+    /// Timezone Offset From UTC of the query, in minutes: applies to DT values without an offset.
+    timezone_offset: Option<i32>,
     /// Sequence matching (PS3.4 C.2.2.2.6): matched against the items kept in the stored JSON.
     sequences: Vec<SequenceFilter>,
     pub limit: Option<u64>,
@@ -224,6 +239,7 @@ impl Query {
         Query {
             level,
             filters: Vec::new(),
+            timezone_offset: None,
             sequences: Vec::new(),
             limit: None,
             offset: 0,
@@ -232,7 +248,13 @@ impl Query {
 
     /// Adds a matching key. Returns Ok(false) when the attribute cannot be matched on at this level
     /// (the caller reports it as unsupported); an empty value is universal matching and adds nothing.
+    ///
+    /// Timezone Offset From UTC (0008,0201) is not matched: it says in which zone the DT values
+    /// without an offset of their own are given, whichever order the keys arrive in.
     pub fn add_match(&mut self, tag: Tag, value: &str) -> Result<bool, MatchError> {
+        if tag == tags::TIMEZONE_OFFSET_FROM_UTC {
+            return self.set_timezone_offset(value).map(|()| true);
+        }
         let Some(column) = column_for(tag) else {
             return Ok(false);
         };
@@ -262,6 +284,8 @@ impl Query {
             }
             Kind::Date => date_matcher(value).ok_or_else(|| invalid("not a date or date range"))?,
             Kind::Time => time_matcher(value).ok_or_else(|| invalid("not a time or time range"))?,
+            Kind::DateTime => datetime_matcher(value, self.timezone_offset)
+                .ok_or_else(|| invalid("not a date-time or date-time range"))?,
             Kind::Integer => {
                 let n: i64 = value
                     .trim()
@@ -272,8 +296,31 @@ impl Query {
             Kind::Text | Kind::ModalitiesInStudy => text_matcher(value, false),
             Kind::PersonName => text_matcher(value, true),
         };
-        self.filters.push(Filter { column, matcher });
+        self.filters.push(Filter {
+            column,
+            matcher,
+            value: value.to_string(),
+        });
         Ok(true)
+    }
+
+    fn set_timezone_offset(&mut self, value: &str) -> Result<(), MatchError> {
+        let value = value.trim_end_matches(['\0', ' ']);
+        if value.is_empty() {
+            return Ok(());
+        }
+        let offset = parse_offset(value).ok_or_else(|| MatchError::InvalidValue {
+            tag: tags::TIMEZONE_OFFSET_FROM_UTC,
+            value: value.to_string(),
+            reason: "not a UTC offset (+HHMM or -HHMM)",
+        })?;
+        self.timezone_offset = Some(offset);
+        for f in &mut self.filters {
+            if f.column.kind == Kind::DateTime {
+                f.matcher = datetime_matcher(&f.value, Some(offset)).expect("validated when added");
+            }
+        }
+        Ok(())
     }
 
     /// Adds a sequence matching key: one item's (tag, value) pairs, all of which must match the same
@@ -473,107 +520,6 @@ pub fn is_valid_uid(uid: &str) -> bool {
         })
 }
 
-/// Normalises a DA value (`YYYYMMDD`, or the old `YYYY.MM.DD`) for storage and comparison.
-pub fn normalize_date(v: &str) -> Option<String> {
-    let d: String = v.trim().chars().filter(|&c| c != '.').collect();
-    let valid = d.len() == 8
-        && d.bytes().all(|b| b.is_ascii_digit())
-        && (1..=12).contains(&d[4..6].parse::<u8>().ok()?)
-        && (1..=31).contains(&d[6..8].parse::<u8>().ok()?);
-    valid.then_some(d)
-}
-
-fn date_matcher(value: &str) -> Option<Matcher> {
-    match value.split_once('-') {
-        None => Some(Matcher::Single(normalize_date(value)?)),
-        Some((lo, hi)) => {
-            let lo = if lo.is_empty() {
-                None
-            } else {
-                Some(normalize_date(lo)?)
-            };
-            let hi = if hi.is_empty() {
-                None
-            } else {
-                Some(normalize_date(hi)?)
-            };
-            if lo.is_none() && hi.is_none() {
-                return None;
-            }
-            Some(Matcher::Range(lo, hi))
-        }
-    }
-}
-
-/// Normalises a TM value to `HHMMSS.FFFFFF`; missing parts filled with `fill` ('0' for a value or a
-/// lower bound, '9'-style maxima for an upper bound so that `-12` includes 12:59:59).
-fn normalize_time_with(v: &str, upper: bool) -> Option<String> {
-    let t: String = v.trim().chars().filter(|&c| c != ':').collect();
-    let (whole, frac) = match t.split_once('.') {
-        Some((w, f)) => (w, f),
-        None => (t.as_str(), ""),
-    };
-    let ok = matches!(whole.len(), 2 | 4 | 6)
-        && whole.bytes().all(|b| b.is_ascii_digit())
-        && frac.len() <= 6
-        && frac.bytes().all(|b| b.is_ascii_digit())
-        && (frac.is_empty() || whole.len() == 6);
-    if !ok {
-        return None;
-    }
-    let limits = [23u8, 59, 60];
-    for (i, chunk) in whole.as_bytes().chunks(2).enumerate() {
-        let n: u8 = std::str::from_utf8(chunk).ok()?.parse().ok()?;
-        if n > limits[i] {
-            return None;
-        }
-    }
-    let pad_whole = if upper { "235959" } else { "000000" };
-    let pad_frac = if upper { '9' } else { '0' };
-    let mut out = String::with_capacity(13);
-    out.push_str(whole);
-    out.push_str(&pad_whole[whole.len()..]);
-    out.push('.');
-    out.push_str(frac);
-    out.extend(std::iter::repeat_n(pad_frac, 6 - frac.len()));
-    Some(out)
-}
-
-pub fn normalize_time(v: &str) -> Option<String> {
-    normalize_time_with(v, false)
-}
-
-fn time_matcher(value: &str) -> Option<Matcher> {
-    match value.split_once('-') {
-        None => {
-            // A single partial time matches the whole span it names (e.g. "10" = 10:00-10:59).
-            let lo = normalize_time_with(value, false)?;
-            let hi = normalize_time_with(value, true)?;
-            Some(if lo == hi {
-                Matcher::Single(lo)
-            } else {
-                Matcher::Range(Some(lo), Some(hi))
-            })
-        }
-        Some((lo, hi)) => {
-            let lo = if lo.is_empty() {
-                None
-            } else {
-                Some(normalize_time_with(lo, false)?)
-            };
-            let hi = if hi.is_empty() {
-                None
-            } else {
-                Some(normalize_time_with(hi, true)?)
-            };
-            if lo.is_none() && hi.is_none() {
-                return None;
-            }
-            Some(Matcher::Range(lo, hi))
-        }
-    }
-}
-
 /// The VR a matching key is typed with, for callers that must echo it back.
 pub fn vr_of(tag: Tag) -> VR {
     dicom_dictionary_std::StandardDataDictionary
@@ -654,19 +600,26 @@ mod tests {
     }
 
     #[test]
-    fn time_values_are_normalised_and_partial_times_span() {
-        assert_eq!(normalize_time("1015").unwrap(), "101500.000000");
-        assert_eq!(normalize_time("10:15:30.5").unwrap(), "101530.500000");
-        let (_, args) = q(Level::Study, &[(tags::STUDY_TIME, "10")]);
+    fn datetime_keys_take_the_query_timezone_whichever_order_they_come_in() {
+        let dt = (tags::ACQUISITION_DATE_TIME, "20200115120000-20200115130000");
+        let tz = (tags::TIMEZONE_OFFSET_FROM_UTC, "+0200");
+        let expected = vec![
+            Arg::Text("20200115100000.000000".into()),
+            Arg::Text("20200115110000.999999".into()),
+        ];
+        let (sql, args) = q(Level::Instance, &[dt, tz]);
         assert_eq!(
-            args,
-            vec![
-                Arg::Text("100000.000000".into()),
-                Arg::Text("105959.999999".into())
-            ]
+            sql,
+            "(i.acquisition_datetime != '' AND i.acquisition_datetime >= ? \
+             AND i.acquisition_datetime <= ?)"
         );
-        assert!(normalize_time("2500").is_none());
-        assert!(normalize_time("1").is_none());
+        assert_eq!(args, expected);
+        assert_eq!(q(Level::Instance, &[tz, dt]).1, expected);
+        let mut query = Query::new(Level::Series);
+        assert!(!query.add_match(dt.0, dt.1).unwrap());
+        assert!(query
+            .add_match(tags::TIMEZONE_OFFSET_FROM_UTC, "0200")
+            .is_err());
     }
 
     #[test]

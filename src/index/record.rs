@@ -47,6 +47,7 @@ pub struct InstanceAttrs {
     pub number_of_frames: Option<i64>,
     pub content_date: String,
     pub content_time: String,
+    pub acquisition_datetime: String,
     pub transfer_syntax_uid: String,
     pub storage_key: String,
     pub size_bytes: u64,

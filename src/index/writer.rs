@@ -334,8 +334,9 @@ fn insert(
     conn.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, series_pk, study_pk, sop_class_uid,
             instance_number, rows, columns, bits_allocated, number_of_frames, content_date,
-            content_time, transfer_syntax_uid, storage_key, size_bytes, metadata_json, frame_layout)
-         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            content_time, acquisition_datetime, transfer_syntax_uid, storage_key, size_bytes,
+            metadata_json, frame_layout)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     )?
     .execute(params![
         i.sop_instance_uid,
@@ -349,6 +350,7 @@ fn insert(
         i.number_of_frames,
         i.content_date,
         i.content_time,
+        i.acquisition_datetime,
         i.transfer_syntax_uid,
         i.storage_key,
         i.size_bytes as i64,

@@ -7,8 +7,9 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::layout::{ImageGeometry, Layout};
-use crate::index::query::{is_valid_uid, normalize_date, normalize_time};
+use crate::index::query::is_valid_uid;
 use crate::index::record::{InstanceAttrs, InstanceRecord, SeriesAttrs, StudyAttrs};
+use crate::index::temporal::{normalize_date, normalize_datetime, normalize_time, parse_offset};
 use crate::model::json::{to_json_string, BulkPolicy};
 use crate::model::levels::{SERIES_TAGS, STUDY_TAGS};
 
@@ -219,6 +220,11 @@ pub fn build_record(
         number_of_frames: integer(obj, tags::NUMBER_OF_FRAMES),
         content_date: date(tags::CONTENT_DATE),
         content_time: time(tags::CONTENT_TIME),
+        acquisition_datetime: normalize_datetime(
+            &text(obj, tags::ACQUISITION_DATE_TIME),
+            parse_offset(&text(obj, tags::TIMEZONE_OFFSET_FROM_UTC)),
+        )
+        .unwrap_or_default(),
         transfer_syntax_uid: transfer_syntax_uid.to_string(),
         storage_key: storage_key.to_string(),
         size_bytes,

@@ -45,8 +45,9 @@ def uid(*parts) -> str:
 
 
 def instance(study: dict, series: dict, number: int, pixels: int = 8, sop_uid: str | None = None,
-             ts: str = ExplicitVRLittleEndian) -> Sample:
-    """A small image of `study` / `series` (dicts of attributes; `uid` keys give the UIDs)."""
+             ts: str = ExplicitVRLittleEndian, attrs: dict | None = None) -> Sample:
+    """A small image of `study` / `series` (dicts of attributes; `uid` keys give the UIDs), with the
+    instance-level `attrs`."""
     ds = Dataset()
     ds.SOPClassUID = series.get("sop_class", SC_IMAGE)
     ds.SOPInstanceUID = sop_uid or f"{series['uid']}.{number}"
@@ -69,6 +70,8 @@ def instance(study: dict, series: dict, number: int, pixels: int = 8, sop_uid: s
     ds.PixelRepresentation = 0
     ds.PixelData = bytes((i * 7 + number) & 0xFF for i in range(pixels * pixels * 2))
     ds["PixelData"].VR = "OW"
+    for k, v in (attrs or {}).items():
+        setattr(ds, k, v)
     return from_dataset(ds, ts, f"qr-{ds.SOPInstanceUID}")
 
 

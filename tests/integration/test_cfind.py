@@ -42,6 +42,13 @@ SERIES = {
 }
 GERMAN = uid(9)  # chrGerm.dcm, ISO_IR 100: PatientName "Äneas^Rüdiger"
 CYRILLIC = uid(10)  # chrRuss.dcm, ISO_IR 144
+# AcquisitionDateTime of STUDY_B's instances, and the moment each is in UTC: no offset and none in the
+# object (as written), its own offset, the object's Timezone Offset From UTC.
+ACQUISITION = {
+    1: ({"AcquisitionDateTime": "20210620143000"}, "14:30"),
+    2: ({"AcquisitionDateTime": "20210620163000+0100"}, "15:30"),
+    3: ({"AcquisitionDateTime": "20210620190000", "TimezoneOffsetFromUTC": "+0200"}, "17:00"),
+}
 # A study with many instances, for C-CANCEL.
 MANY = {"uid": uid(20), "PatientID": "P9", "PatientName": "Many^Images", "StudyDate": "20230101"}
 MANY_SERIES = {"uid": uid(20, 1), "Modality": "OT", "SeriesNumber": 1}
@@ -61,7 +68,8 @@ def _charset_sample(name: str, study_uid: str):
 
 @pytest.fixture(scope="module")
 def corpus(gateway):
-    samples = [instance(st, se, n) for st, se, count in SERIES.values() for n in range(1, count + 1)]
+    samples = [instance(st, se, n, attrs=ACQUISITION[n][0] if st is STUDY_B else None)
+               for st, se, count in SERIES.values() for n in range(1, count + 1)]
     samples += [_charset_sample("chrGerm", GERMAN), _charset_sample("chrRuss", CYRILLIC)]
     samples += [instance(MANY, MANY_SERIES, n) for n in range(1, MANY_COUNT + 1)]
     statuses = store_all(gateway, samples)
@@ -161,6 +169,38 @@ def test_matching_types(gateway, corpus, tmp_path, match, expected):
     keys = [k for k in keys if k] + [f"{k}={v}" for k, v in match.items()]
     _, responses = _find(gateway, tmp_path, keys)
     assert _values(responses, "StudyInstanceUID") == sorted(s["uid"] for s in expected)
+
+
+@pytest.mark.parametrize(
+    "match, expected",
+    [
+        ({"AcquisitionDateTime": "20210620150000-20210620160000"}, [2]),  # compared in UTC
+        ({"AcquisitionDateTime": "-20210620143000"}, [1]),  # a complete value spans its second
+        ({"AcquisitionDateTime": "2021062016-"}, [3]),
+        ({"AcquisitionDateTime": "2021062014"}, [1]),  # a partial value spans the hour it names
+        ({"AcquisitionDateTime": "2020-2021"}, [1, 2, 3]),
+        ({"AcquisitionDateTime": "20210620153000-0100-20210620163000-0100"}, [3]),  # offsets in a range
+        ({"AcquisitionDateTime": "20210620163000", "TimezoneOffsetFromUTC": "+0100"}, [2]),  # query's zone
+        ({"AcquisitionDateTime": "2022-"}, []),
+    ],
+    ids=["range", "before", "after", "partial", "years", "range-with-offsets", "query-timezone", "none"],
+)
+def test_datetime_range_matching_at_image_level(gateway, corpus, tmp_path, match, expected):
+    keys = ["QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={STUDY_B['uid']}", f"SeriesInstanceUID={uid(2, 1)}",
+            "SOPInstanceUID"] + [f"{k}={v}" for k, v in match.items()]
+    _, responses = _find(gateway, tmp_path, keys)
+    assert _values(responses, "SOPInstanceUID") == sorted(f"{uid(2, 1)}.{n}" for n in expected)
+    for r in responses:
+        n = int(r.SOPInstanceUID.rsplit(".", 1)[1])
+        assert r.AcquisitionDateTime == ACQUISITION[n][0]["AcquisitionDateTime"]  # returned as stored
+
+
+def test_invalid_datetime_is_refused(gateway, corpus, tmp_path):
+    proc, responses = findscu(gateway, ["QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={STUDY_B['uid']}",
+                                        "AcquisitionDateTime=20211301"], tmp_path / "rsp")
+    assert responses == []
+    out = proc.stdout + proc.stderr
+    assert "DataSetDoesNotMatchSOPClass" in out, out
 
 
 def test_universal_matching_returns_every_study(gateway, corpus, tmp_path):

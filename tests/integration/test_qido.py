@@ -234,6 +234,26 @@ def test_study_date_range_matches(c, corpus, query, lo, hi):
     assert found & valid == expected
 
 
+@pytest.mark.parametrize("query,names", [
+    ("2011-2012", {"pydicom/examples_palette.dcm"}),  # years name whole spans
+    ("20130125105919-", {"pydicom/waveform_ecg.dcm"}),
+    ("-20110525145628.35", {"pydicom/examples_palette.dcm"}),
+    ("20110525-20130125", {"pydicom/examples_palette.dcm", "pydicom/waveform_ecg.dcm"}),
+    # 10:00-10:59 at +01:00 is 09:xx UTC; 11:xx at +01:00 is 10:xx, where the 10:59:19 lies.
+    ("2013012510&TimezoneOffsetFromUTC=%2B0100", set()),
+    ("2013012511&TimezoneOffsetFromUTC=%2B0100", {"pydicom/waveform_ecg.dcm"}),
+])
+def test_acquisition_datetime_range_matches_instances(gateway, corpus, query, names):
+    """DT range matching (PS3.4 C.2.2.2.5), the query's Timezone Offset From UTC applied to values without one
+    (the stored values carry none and their objects give no offset: they compare as written)."""
+    expected = {s.sop_uid for s in corpus.acked if s.name in names}
+    assert len(expected) == len(names)
+    r = get(gateway, f"/instances?AcquisitionDateTime={query}&includefield=AcquisitionDateTime")
+    found = {text(i, "SOPInstanceUID") for i in r.json()} if r.status_code == 200 else set()
+    assert r.status_code == (200 if names else 204), r.text
+    assert found == expected
+
+
 @pytest.mark.parametrize("modality", ["CT", "SEG", "MR"])
 def test_modalities_in_study_matches_studies_with_that_modality(c, corpus, modality):
     expected = expected_studies(corpus, lambda s: attr(s, "Modality") == modality)
