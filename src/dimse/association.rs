@@ -7,10 +7,7 @@ use std::time::Duration;
 
 use dicom_ul::association::server::AsyncServerAssociation;
 use dicom_ul::association::Association;
-use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType,
-    PresentationContextResultReason,
-};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PresentationContextResultReason};
 use dicom_ul::Pdu;
 use tokio::net::TcpStream;
 
@@ -18,6 +15,7 @@ use super::command::{elem, field, Command, CommandBuilder, MAX_COMMAND_LENGTH, N
 use super::dataset::MAX_IDENTIFIER_LENGTH;
 use super::message::{self, ProtocolError};
 use super::qr::{self, Request};
+use super::receive::{receive, Incoming, Pdv};
 use super::retrieve::OutContext;
 use super::store::PendingStore;
 use super::Context;
@@ -85,20 +83,21 @@ pub async fn run(
     };
     let read_timeout = Duration::from_secs(ctx.config.read_timeout_secs);
     loop {
-        let pdu = match tokio::time::timeout(read_timeout, assoc.receive()).await {
-            Err(_) => Err(ProtocolError::Timeout),
-            Ok(Err(e)) => Err(ProtocolError::Network(e.to_string())),
-            Ok(Ok(pdu)) => Ok(pdu),
-        };
+        let max_pdu_length = ctx.config.max_pdu_length;
+        let pdu =
+            match tokio::time::timeout(read_timeout, receive(&mut assoc, max_pdu_length)).await {
+                Err(_) => Err(ProtocolError::Timeout),
+                Ok(result) => result,
+            };
         let result = match pdu {
-            Ok(Pdu::PData { data }) => conn.on_pdata(&mut assoc, data).await,
-            Ok(Pdu::ReleaseRQ) => {
+            Ok(Incoming::PData(pdvs)) => conn.on_pdata(&mut assoc, pdvs).await,
+            Ok(Incoming::Other(Pdu::ReleaseRQ)) => {
                 let _ = assoc.send(&Pdu::ReleaseRP).await;
                 tracing::info!(calling_ae, "association released");
                 return;
             }
-            Ok(Pdu::AbortRQ { .. }) => Err(ProtocolError::Aborted),
-            Ok(other) => Err(ProtocolError::Violation(format!(
+            Ok(Incoming::Other(Pdu::AbortRQ { .. })) => Err(ProtocolError::Aborted),
+            Ok(Incoming::Other(other)) => Err(ProtocolError::Violation(format!(
                 "unexpected {}",
                 other.short_description()
             ))),
@@ -136,13 +135,13 @@ impl Connection<'_> {
     async fn on_pdata(
         &mut self,
         assoc: &mut AsyncServerAssociation<TcpStream>,
-        pdvs: Vec<PDataValue>,
+        pdvs: Vec<Pdv>,
     ) -> Result<(), ProtocolError> {
         for pdv in pdvs {
-            if !self.contexts.contains_key(&pdv.presentation_context_id) {
+            if !self.contexts.contains_key(&pdv.pc) {
                 return Err(ProtocolError::Violation(format!(
                     "PDV on presentation context {} which was not accepted",
-                    pdv.presentation_context_id
+                    pdv.pc
                 )));
             }
             match self.on_pdv(pdv).await? {
@@ -158,10 +157,10 @@ impl Connection<'_> {
     }
 
     /// Feeds one PDV; returns a response command to send when a message completes.
-    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<Option<Action>, ProtocolError> {
-        let pc = pdv.presentation_context_id;
-        match (&mut self.state, pdv.value_type) {
-            (State::Command { pc: cur, buf }, PDataValueType::Command) => {
+    async fn on_pdv(&mut self, pdv: Pdv) -> Result<Option<Action>, ProtocolError> {
+        let pc = pdv.pc;
+        match (&mut self.state, pdv.is_command) {
+            (State::Command { pc: cur, buf }, true) => {
                 if !buf.is_empty() && *cur != pc {
                     return Err(ProtocolError::Violation(
                         "command fragments on different presentation contexts".into(),
@@ -180,7 +179,7 @@ impl Connection<'_> {
                     Command::decode(&bytes).map_err(|e| ProtocolError::Violation(e.to_string()))?;
                 self.on_command(pc, cmd).await
             }
-            (State::StoreData { pc: cur, store }, PDataValueType::Data) if *cur == pc => {
+            (State::StoreData { pc: cur, store }, false) if *cur == pc => {
                 store.write(self.ctx, &pdv.data).await;
                 if !pdv.is_last {
                     return Ok(None);
@@ -193,7 +192,7 @@ impl Connection<'_> {
                     store.finish(self.ctx, self.calling_ae).await,
                 )))
             }
-            (State::Discard { pc: cur, .. }, PDataValueType::Data) if *cur == pc => {
+            (State::Discard { pc: cur, .. }, false) if *cur == pc => {
                 if !pdv.is_last {
                     return Ok(None);
                 }
@@ -202,7 +201,7 @@ impl Connection<'_> {
                 };
                 Ok(Some(Action::Respond(pc, response)))
             }
-            (State::Identifier { pc: cur, buf, .. }, PDataValueType::Data) if *cur == pc => {
+            (State::Identifier { pc: cur, buf, .. }, false) if *cur == pc => {
                 if buf.len() + pdv.data.len() > MAX_IDENTIFIER_LENGTH {
                     return Err(ProtocolError::Violation("identifier too long".into()));
                 }
@@ -223,7 +222,7 @@ impl Connection<'_> {
                     write_timeout: self.ctx.config.write_timeout(),
                 }))))
             }
-            (State::Command { .. }, PDataValueType::Data) => Err(ProtocolError::Violation(
+            (State::Command { .. }, false) => Err(ProtocolError::Violation(
                 "data set fragment without a command".into(),
             )),
             _ => Err(ProtocolError::Violation(

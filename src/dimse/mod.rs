@@ -25,6 +25,7 @@ mod message;
 mod move_;
 mod peers;
 mod qr;
+mod receive;
 mod retrieve;
 pub mod store;
 
