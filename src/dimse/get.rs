@@ -46,7 +46,8 @@ pub async fn run(
     let mut progress = Progress::new(instances.len());
     let pending_interval = Duration::from_millis(ctx.config.retrieve_pending_interval_ms);
     let mut inbox = Inbox::default();
-    let mut read_ahead = retrieve::ReadAhead::new(ctx, &contexts, &instances);
+    let mut read_ahead =
+        retrieve::ReadAhead::new(ctx, &contexts, message::pdv_limit(assoc), &instances);
     for (n, inst) in instances.iter().enumerate() {
         if progress.cancelled
             || message::cancel_requested(assoc, &mut inbox, req.message_id()).await?

@@ -31,7 +31,8 @@ pub enum ProtocolError {
 /// Data PDV payload when the peer sets no limit (max PDU length 0).
 const UNLIMITED_PDV: usize = 1 << 20;
 
-fn pdv_limit<A: Association>(assoc: &A) -> usize {
+/// The largest PDV payload the peer of `assoc` accepts.
+pub fn pdv_limit<A: Association>(assoc: &A) -> usize {
     match assoc.peer_max_pdu_length() as usize {
         0 => UNLIMITED_PDV,
         // A P-DATA PDU carrying one PDV: 4 bytes PDV length, 1 context ID, 1 header.
@@ -97,6 +98,33 @@ where
     }
     out.end_data();
     write(assoc, &out.batch, write_timeout).await
+}
+
+/// A data set encoded ahead of time as the P-DATA-TF PDUs that carry it (for [`send_encoded`]).
+pub fn encode_data(pc: u8, limit: usize, data: &[u8]) -> Vec<u8> {
+    let mut out = PDataEncoder::new(pc, limit);
+    out.batch
+        .reserve(data.len() + (data.len() / limit.max(1) + 1) * PDATA_HEADER);
+    out.data(data);
+    out.end_data();
+    out.batch
+}
+
+/// Sends a command set, then a data set already encoded by [`encode_data`] for the same context.
+pub async fn send_encoded<A>(
+    assoc: &mut A,
+    pc: u8,
+    command: &[u8],
+    encoded_data: &[u8],
+    write_timeout: Duration,
+) -> Result<(), ProtocolError>
+where
+    A: AsyncAssociation<TcpStream> + Send,
+{
+    let mut out = PDataEncoder::new(pc, pdv_limit(assoc));
+    out.command(command);
+    write(assoc, &out.batch, write_timeout).await?;
+    write(assoc, encoded_data, write_timeout).await
 }
 
 /// Encoded P-DATA PDUs are written in batches of about this size: one write per batch instead of
@@ -372,6 +400,27 @@ mod tests {
                 (3, false, true, vec![8; 3]),
             ]
         );
+    }
+
+    #[test]
+    fn data_encoded_ahead_is_what_the_streamed_path_sends() {
+        let data: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let ahead = encode_data(5, 64, &data);
+        let mut enc = PDataEncoder::new(5, 64);
+        enc.command(&[1, 2]);
+        let command_len = enc.batch.len();
+        for chunk in data.chunks(100) {
+            enc.data(chunk);
+        }
+        enc.end_data();
+        assert_eq!(ahead, enc.batch[command_len..]);
+        let got = pdvs(&ahead);
+        assert_eq!(got.len(), 16);
+        assert!(got.iter().all(|(pc, cmd, _, _)| *pc == 5 && !cmd));
+        let last: Vec<bool> = got.iter().map(|p| p.2).collect();
+        assert_eq!(last, [[false; 15].as_slice(), &[true]].concat());
+        let sent: Vec<u8> = got.into_iter().flat_map(|p| p.3).collect();
+        assert_eq!(sent, data);
     }
 
     #[test]

@@ -97,7 +97,8 @@ pub async fn run(
     let mut requester_inbox = Inbox::default();
     let mut sub_inbox = Inbox::default();
     let mut sub_alive = true;
-    let mut read_ahead = retrieve::ReadAhead::new(ctx, &contexts, &instances);
+    let mut read_ahead =
+        retrieve::ReadAhead::new(ctx, &contexts, message::pdv_limit(&sub), &instances);
     for (n, inst) in instances.iter().enumerate() {
         // The requester gone or broken: the destination association is aborted with it.
         match message::cancel_requested(assoc, &mut requester_inbox, req.message_id()).await {

@@ -51,6 +51,13 @@ async fn split_file_meta(
     Ok((Box::pin(head.chain(stream)), dataset_start as usize))
 }
 
+/// Where the data set starts in a whole stored object.
+fn dataset_start(object: &[u8]) -> Result<usize, SubOpError> {
+    read_meta_extent(&mut Cursor::new(object))
+        .map(|(start, _)| start as usize)
+        .map_err(|e| SubOpError::Failed(e.to_string()))
+}
+
 /// An instance to send, as the index knows it.
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -58,6 +65,7 @@ pub struct Instance {
     pub sop_instance_uid: String,
     pub transfer_syntax_uid: String,
     pub storage_key: String,
+    pub size_bytes: u64,
 }
 
 /// The instances an identifier names: every key goes through the matching engine, and the unique
@@ -91,7 +99,8 @@ pub async fn matching_instances(
     qr::add_keys(&mut query, identifier, |_| true)?;
     let (where_sql, args) = query.where_sql();
     let sql = format!(
-        "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key
+        "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key,
+                i.size_bytes
          {} {where_sql}
          ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
         Level::Instance.from_sql()
@@ -104,6 +113,7 @@ pub async fn matching_instances(
                 sop_instance_uid: r.get(1),
                 transfer_syntax_uid: r.get(2),
                 storage_key: r.get(3),
+                size_bytes: r.get::<i64, _>(4) as u64,
             })
             .try_collect()
             .await;
@@ -357,15 +367,23 @@ enum Body {
         stream: crate::storage::ByteStream,
         dataset_start: usize,
     },
+    /// A small stored object's data set, already encoded as P-DATA PDUs: the copy into PDUs is
+    /// made while the previous instance's response is awaited, not after it.
+    Encoded(Vec<u8>),
     /// A native object re-encoded in the context's transfer syntax (one instance in memory).
     Reencoded(Vec<u8>),
 }
+
+/// Objects up to this size are read whole and encoded ahead (the filesystem store reads them
+/// whole anyway); larger ones are streamed.
+const ENCODE_AHEAD_MAX: u64 = 2 << 20;
 
 /// Reads an instance from storage for sending: as stored if the receiver accepted its transfer
 /// syntax, else re-encoded (native only).
 async fn prepare(
     store: Arc<dyn ObjectStore>,
     contexts: Arc<[OutContext]>,
+    pdv_limit: usize,
     inst: Instance,
 ) -> Result<Prepared, SubOpError> {
     let Some(encoding) = choose(&contexts, &inst) else {
@@ -376,6 +394,16 @@ async fn prepare(
     };
     let storage = |e: crate::storage::StorageError| SubOpError::Failed(e.to_string());
     match encoding {
+        Encoding::AsStored(pc) if inst.size_bytes <= ENCODE_AHEAD_MAX => {
+            let bytes = read_all(store.as_ref(), &inst.storage_key)
+                .await
+                .map_err(storage)?;
+            let dataset_start = dataset_start(&bytes)?;
+            Ok(Prepared {
+                pc,
+                body: Body::Encoded(message::encode_data(pc, pdv_limit, &bytes[dataset_start..])),
+            })
+        }
         Encoding::AsStored(pc) => {
             let (_, stream) = store.get(&inst.storage_key).await.map_err(storage)?;
             let (stream, dataset_start) = split_file_meta(stream).await?;
@@ -410,16 +438,24 @@ async fn prepare(
 pub struct ReadAhead<'a> {
     store: Arc<dyn ObjectStore>,
     contexts: Arc<[OutContext]>,
+    pdv_limit: usize,
     /// The instances not yet handed out, in order.
     rest: std::slice::Iter<'a, Instance>,
     next: Option<JoinHandle<Result<Prepared, SubOpError>>>,
 }
 
 impl<'a> ReadAhead<'a> {
-    pub fn new(ctx: &Context, contexts: &[OutContext], instances: &'a [Instance]) -> Self {
+    /// `pdv_limit`: the receiver's, for the instances encoded ahead.
+    pub fn new(
+        ctx: &Context,
+        contexts: &[OutContext],
+        pdv_limit: usize,
+        instances: &'a [Instance],
+    ) -> Self {
         let mut ahead = ReadAhead {
             store: ctx.store.clone(),
             contexts: contexts.into(),
+            pdv_limit,
             rest: instances.iter(),
             next: None,
         };
@@ -440,7 +476,7 @@ impl<'a> ReadAhead<'a> {
     fn spawn_next(&mut self) -> Option<JoinHandle<Result<Prepared, SubOpError>>> {
         let inst = self.rest.next()?.clone();
         let (store, contexts) = (self.store.clone(), self.contexts.clone());
-        Some(tokio::spawn(prepare(store, contexts, inst)))
+        Some(tokio::spawn(prepare(store, contexts, self.pdv_limit, inst)))
     }
 }
 
@@ -489,6 +525,9 @@ where
             dataset_start,
         } => {
             message::send_streamed(assoc, pc, &command, stream, dataset_start, write_timeout).await
+        }
+        Body::Encoded(pdus) => {
+            message::send_encoded(assoc, pc, &command, &pdus, write_timeout).await
         }
         Body::Reencoded(data) => {
             message::send(assoc, pc, &command, Some(&data), write_timeout).await
@@ -540,6 +579,7 @@ mod tests {
             sop_instance_uid: "1.2.3".into(),
             transfer_syntax_uid: ts.into(),
             storage_key: "k".into(),
+            size_bytes: 0,
         }
     }
 
