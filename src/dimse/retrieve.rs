@@ -45,10 +45,9 @@ async fn split_file_meta(
             None => break,
         }
     }
-    let (dataset_start, _) =
-        read_meta_extent(&mut Cursor::new(&head[..])).map_err(|e| failed(&e))?;
+    let dataset_start = dataset_start(&head)?;
     let head = futures::stream::once(async move { Ok(bytes::Bytes::from(head)) });
-    Ok((Box::pin(head.chain(stream)), dataset_start as usize))
+    Ok((Box::pin(head.chain(stream)), dataset_start))
 }
 
 /// Where the data set starts in a whole stored object.
@@ -398,10 +397,12 @@ async fn prepare(
             let bytes = read_all(store.as_ref(), &inst.storage_key)
                 .await
                 .map_err(storage)?;
-            let dataset_start = dataset_start(&bytes)?;
+            let data = bytes
+                .get(dataset_start(&bytes)?..)
+                .ok_or_else(|| SubOpError::Failed("stored object shorter than its meta".into()))?;
             Ok(Prepared {
                 pc,
-                body: Body::Encoded(message::encode_data(pc, pdv_limit, &bytes[dataset_start..])),
+                body: Body::Encoded(message::encode_data(pc, pdv_limit, data)),
             })
         }
         Encoding::AsStored(pc) => {
