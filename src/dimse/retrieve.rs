@@ -366,11 +366,10 @@ enum Body {
         stream: crate::storage::ByteStream,
         dataset_start: usize,
     },
-    /// A small stored object's data set, already encoded as P-DATA PDUs: the copy into PDUs is
-    /// made while the previous instance's response is awaited, not after it.
+    /// The data set already encoded as P-DATA PDUs (the copy into PDUs is made while the previous
+    /// instance's response is awaited, not after it): a small stored object, or a native object
+    /// re-encoded in the context's transfer syntax (one instance in memory).
     Encoded(Vec<u8>),
-    /// A native object re-encoded in the context's transfer syntax (one instance in memory).
-    Reencoded(Vec<u8>),
 }
 
 /// Objects up to this size are read whole and encoded ahead (the filesystem store reads them
@@ -427,7 +426,7 @@ async fn prepare(
                 .map_err(|e| SubOpError::Failed(e.to_string()))?;
             Ok(Prepared {
                 pc,
-                body: Body::Reencoded(data),
+                body: Body::Encoded(message::encode_data(pc, pdv_limit, &data)),
             })
         }
     }
@@ -529,9 +528,6 @@ where
         }
         Body::Encoded(pdus) => {
             message::send_encoded(assoc, pc, &command, &pdus, write_timeout).await
-        }
-        Body::Reencoded(data) => {
-            message::send(assoc, pc, &command, Some(&data), write_timeout).await
         }
     };
     sent.map_err(SubOpError::Protocol)?;
