@@ -82,8 +82,8 @@ pub async fn run(
         },
     };
     let read_timeout = Duration::from_secs(ctx.config.read_timeout_secs);
+    let max_pdu_length = ctx.config.max_pdu_length;
     loop {
-        let max_pdu_length = ctx.config.max_pdu_length;
         let pdu =
             match tokio::time::timeout(read_timeout, receive(&mut assoc, max_pdu_length)).await {
                 Err(_) => Err(ProtocolError::Timeout),

@@ -40,8 +40,8 @@ pub fn pdv_limit<A: Association>(assoc: &A) -> usize {
     }
 }
 
-/// Sends a command set, then its data set (if any), fragmented to the peer's PDU size and written
-/// in batches, each within `write_timeout`.
+/// Sends a command set, then its data set (if any: an identifier, small), fragmented to the peer's
+/// PDU size, in one write within `write_timeout`.
 pub async fn send<A>(
     assoc: &mut A,
     pc: u8,
@@ -52,14 +52,11 @@ pub async fn send<A>(
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    let mut out = PDataEncoder::new(pc, pdv_limit(assoc));
+    let payload = command.len() + data.map_or(0, <[u8]>::len);
+    let mut out = PDataEncoder::new(pc, pdv_limit(assoc), payload);
     out.command(command);
     if let Some(data) = data {
-        // In batches, like a streamed data set: a large re-encoded instance is not copied whole.
-        for chunk in data.chunks(BATCH) {
-            out.data(chunk);
-            write_closed(assoc, &mut out, write_timeout).await?;
-        }
+        out.data(data);
         out.end_data();
     }
     write(assoc, &out.batch, write_timeout).await
@@ -80,7 +77,8 @@ pub async fn send_streamed<A>(
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    let mut out = PDataEncoder::new(pc, pdv_limit(assoc));
+    let limit = pdv_limit(assoc);
+    let mut out = PDataEncoder::new(pc, limit, BATCH + limit);
     out.command(command);
     while let Some(chunk) = stream
         .try_next()
@@ -102,9 +100,7 @@ where
 
 /// A data set encoded ahead of time as the P-DATA-TF PDUs that carry it (for [`send_encoded`]).
 pub fn encode_data(pc: u8, limit: usize, data: &[u8]) -> Vec<u8> {
-    let mut out = PDataEncoder::new(pc, limit);
-    out.batch
-        .reserve(data.len() + (data.len() / limit.max(1) + 1) * PDATA_HEADER);
+    let mut out = PDataEncoder::new(pc, limit, data.len());
     out.data(data);
     out.end_data();
     out.batch
@@ -121,9 +117,7 @@ pub async fn send_encoded<A>(
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    let mut out = PDataEncoder::new(pc, pdv_limit(assoc));
-    out.command(command);
-    write(assoc, &out.batch, write_timeout).await?;
+    send(assoc, pc, command, None, write_timeout).await?;
     write(assoc, encoded_data, write_timeout).await
 }
 
@@ -146,9 +140,10 @@ struct PDataEncoder {
 const PDATA_HEADER: usize = 12;
 
 impl PDataEncoder {
-    fn new(pc: u8, limit: usize) -> PDataEncoder {
+    /// An encoder whose batch has room for `payload` bytes with their PDU headers.
+    fn new(pc: u8, limit: usize, payload: usize) -> PDataEncoder {
         PDataEncoder {
-            batch: Vec::with_capacity(BATCH + limit + PDATA_HEADER),
+            batch: Vec::with_capacity(payload + (payload / limit.max(1) + 2) * PDATA_HEADER),
             pc,
             limit,
             open: None,
@@ -385,7 +380,7 @@ mod tests {
 
     #[test]
     fn command_and_data_are_fragmented_to_the_limit_with_last_flags() {
-        let mut enc = PDataEncoder::new(3, 8);
+        let mut enc = PDataEncoder::new(3, 8, 0);
         enc.command(&[1; 10]);
         enc.data(&[7; 5]);
         enc.data(&[8; 6]);
@@ -406,7 +401,7 @@ mod tests {
     fn data_encoded_ahead_is_what_the_streamed_path_sends() {
         let data: Vec<u8> = (0..=255).cycle().take(1000).collect();
         let ahead = encode_data(5, 64, &data);
-        let mut enc = PDataEncoder::new(5, 64);
+        let mut enc = PDataEncoder::new(5, 64, 0);
         enc.command(&[1, 2]);
         let command_len = enc.batch.len();
         for chunk in data.chunks(100) {
@@ -425,7 +420,7 @@ mod tests {
 
     #[test]
     fn data_ending_on_a_pdu_boundary_marks_that_pdu_last() {
-        let mut enc = PDataEncoder::new(1, 4);
+        let mut enc = PDataEncoder::new(1, 4, 0);
         enc.command(&[1, 2]);
         enc.data(&[9; 8]);
         enc.end_data();
@@ -437,7 +432,7 @@ mod tests {
 
     #[test]
     fn no_data_gives_one_empty_last_data_pdv() {
-        let mut enc = PDataEncoder::new(1, 4);
+        let mut enc = PDataEncoder::new(1, 4, 0);
         enc.command(&[1, 2]);
         enc.end_data();
         assert_eq!(pdvs(&enc.batch)[1], (1, false, true, vec![]));
@@ -445,7 +440,7 @@ mod tests {
 
     #[test]
     fn only_closed_pdus_are_handed_out_and_the_open_one_survives() {
-        let mut enc = PDataEncoder::new(1, 4);
+        let mut enc = PDataEncoder::new(1, 4, 0);
         enc.command(&[1, 2]);
         enc.data(&[5; 6]);
         let n = enc.closed_len();
