@@ -22,7 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use record::InstanceRecord;
-pub use writer::{InsertOutcome, Scope, WriteError};
+pub use writer::{Gate, InsertOutcome, PendingInsert, Scope, WriteError};
 
 /// Where an instance lives and how to cut frames out of it.
 #[derive(Debug, Clone)]
@@ -123,6 +123,16 @@ impl Index {
         replace: bool,
     ) -> Result<InsertOutcome, WriteError> {
         self.writer.insert(record, replace).await
+    }
+
+    /// Queues an insert that commits once the returned gate is opened (blocking code only): ingest
+    /// opens it when the object is durable, and the insert's statements run meanwhile.
+    pub fn insert_gated_blocking(
+        &self,
+        record: InstanceRecord,
+        replace: bool,
+    ) -> Result<(Gate, PendingInsert), WriteError> {
+        self.writer.insert_gated_blocking(record, replace)
     }
 
     /// Deletes the rows of the instances in `scope` in one transaction; returns their storage keys.

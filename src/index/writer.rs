@@ -3,6 +3,12 @@
 //! one transaction (group commit), each request in its own savepoint so one bad record fails alone.
 //! Requests are inserts (ingest) and deletions (DICOMweb DELETE, through ingest).
 //!
+//! An insert may come with a gate ([`WriterHandle::insert_gated_blocking`]): its statements run at
+//! once, while ingest is still making the object durable, and the transaction commits only once the
+//! gate opens (the object is durable). A gate dropped unopened (storage failed) rolls the batch back,
+//! and the other requests are applied again without that one. So the index work of a C-STORE overlaps
+//! its storage flush, and no row is ever committed for an object that is not durable.
+//!
 //! The writer uses rusqlite on its own thread rather than sqlx: sqlx runs every SQLite statement on
 //! a worker thread behind a channel, so an insert (begin, lookup, three upserts, commit) cost about
 //! a dozen thread wake-ups, a quarter of a small object's C-STORE latency. Here an insert costs one
@@ -38,6 +44,9 @@ pub enum WriteError {
     SeriesInOtherStudy { series_uid: String },
     #[error("index writer stopped")]
     Stopped,
+    /// The gate of a gated insert was dropped: its object was not stored, so nothing was committed.
+    #[error("insert abandoned: the object was not stored")]
+    Abandoned,
 }
 
 impl From<rusqlite::Error> for WriteError {
@@ -74,16 +83,36 @@ enum Done {
     Deleted(Vec<String>),
 }
 
+type Reply = oneshot::Sender<Result<Done, WriteError>>;
+
 /// One request waiting for the writer.
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Done, WriteError>>,
+    reply: Reply,
+    /// Opened (a unit sent) when the request may commit; None once open or for an ungated request.
+    gate: Option<oneshot::Receiver<()>>,
 }
 
-/// A request applied inside the open transaction, its answer held until the commit.
-struct Applied {
-    reply: oneshot::Sender<Result<Done, WriteError>>,
-    result: Result<Done, WriteError>,
+/// Opens the gate of a gated insert: its object is durable, the insert may commit. Dropping it
+/// unopened abandons the insert.
+pub struct Gate(oneshot::Sender<()>);
+
+impl Gate {
+    pub fn open(self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// The outcome of a gated insert, known once it committed (or failed).
+pub struct PendingInsert(oneshot::Receiver<Result<Done, WriteError>>);
+
+impl PendingInsert {
+    pub async fn outcome(self) -> Result<InsertOutcome, WriteError> {
+        match self.0.await.map_err(|_| WriteError::Stopped)?? {
+            Done::Inserted(outcome) => Ok(outcome),
+            Done::Deleted(_) => unreachable!("an insert answered as a deletion"),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -142,10 +171,37 @@ impl WriterHandle {
         }
     }
 
+    /// Queues an insert that commits only once the returned gate is opened (blocking: called from
+    /// ingest's blocking task, which then stores the object and opens the gate).
+    pub fn insert_gated_blocking(
+        &self,
+        record: InstanceRecord,
+        replace: bool,
+    ) -> Result<(Gate, PendingInsert), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let (open, gate) = oneshot::channel();
+        let op = Op::Insert {
+            record: Box::new(record),
+            replace,
+        };
+        self.tx
+            .blocking_send(Request {
+                op,
+                reply,
+                gate: Some(gate),
+            })
+            .map_err(|_| WriteError::Stopped)?;
+        Ok((Gate(open), PendingInsert(rx)))
+    }
+
     async fn send(&self, op: Op) -> Result<Done, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { op, reply })
+            .send(Request {
+                op,
+                reply,
+                gate: None,
+            })
             .await
             .map_err(|_| WriteError::Stopped)?;
         rx.await.map_err(|_| WriteError::Stopped)?
@@ -163,19 +219,8 @@ fn run(conn: &mut Connection, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        match commit_batch(conn, requests) {
-            Ok(applied) => {
-                for a in applied {
-                    let _ = a.reply.send(a.result);
-                }
-            }
-            Err((applied, e)) => {
-                tracing::error!(error = %e, "index commit failed");
-                for a in applied {
-                    let err = WriteError::Database(format!("commit failed: {e}"));
-                    let _ = a.reply.send(Err(err));
-                }
-            }
+        for (reply, result) in commit_batch(conn, requests) {
+            let _ = reply.send(result);
         }
     }
 }
@@ -187,65 +232,96 @@ fn apply(conn: &Connection, op: &Op) -> Result<Done, WriteError> {
     }
 }
 
-/// Applies the requests in one transaction. On a transaction-level error, every request's reply
-/// is returned with the error so that all of them are answered as failed.
+/// How one attempt at committing a batch ended.
+enum Attempt {
+    /// Committed (or, for a lone request that failed, rolled back): one result per request.
+    Done(Vec<Result<Done, WriteError>>),
+    /// Rolled back because these requests' gates closed.
+    GatesClosed(Vec<usize>),
+    /// A transaction-level error: every request fails.
+    Failed(rusqlite::Error),
+}
+
+/// Commits the requests in one transaction and returns each one's answer. Requests whose gate
+/// closed are answered `Abandoned`, and the batch is applied again without them.
 fn commit_batch(
     conn: &mut Connection,
-    requests: Vec<Request>,
-) -> Result<Vec<Applied>, (Vec<Applied>, rusqlite::Error)> {
-    let unapplied = |requests: Vec<Request>| -> Vec<Applied> {
-        requests
-            .into_iter()
-            .map(|r| Applied {
-                reply: r.reply,
-                result: Err(WriteError::Stopped),
-            })
-            .collect()
-    };
+    mut requests: Vec<Request>,
+) -> Vec<(Reply, Result<Done, WriteError>)> {
+    let mut answers = Vec::with_capacity(requests.len());
+    loop {
+        match attempt(conn, &mut requests) {
+            Attempt::Done(results) => {
+                answers.extend(requests.into_iter().map(|r| r.reply).zip(results));
+                return answers;
+            }
+            Attempt::Failed(e) => {
+                tracing::error!(error = %e, "index commit failed");
+                answers.extend(requests.into_iter().map(|r| {
+                    (
+                        r.reply,
+                        Err(WriteError::Database(format!("commit failed: {e}"))),
+                    )
+                }));
+                return answers;
+            }
+            Attempt::GatesClosed(closed) => {
+                for i in closed.into_iter().rev() {
+                    answers.push((requests.remove(i).reply, Err(WriteError::Abandoned)));
+                }
+                if requests.is_empty() {
+                    return answers;
+                }
+            }
+        }
+    }
+}
+
+/// Applies the requests, each in its own savepoint so that a failed one is undone alone, waits for
+/// their gates, and commits.
+fn attempt(conn: &mut Connection, requests: &mut [Request]) -> Attempt {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
-        Err(e) => return Err((unapplied(requests), e)),
+        Err(e) => return Attempt::Failed(e),
     };
     // A lone request needs no savepoint: its failure rolls back the whole (one-request) batch.
     let savepoints = requests.len() > 1;
-    let mut applied = Vec::with_capacity(requests.len());
-    let mut pending = requests.into_iter();
-    while let Some(r) = pending.next() {
+    let mut results = Vec::with_capacity(requests.len());
+    for r in requests.iter() {
         if savepoints {
             if let Err(e) = tx.execute_batch("SAVEPOINT op") {
-                let mut rest = unapplied(std::iter::once(r).chain(pending).collect());
-                applied.append(&mut rest);
-                return Err((applied, e));
+                return Attempt::Failed(e);
             }
         }
         let result = apply(&tx, &r.op);
         let ok = result.is_ok();
-        applied.push(Applied {
-            reply: r.reply,
-            result,
-        });
+        results.push(result);
         if !savepoints {
             if !ok {
-                let _ = tx.rollback();
-                return Ok(applied);
+                return Attempt::Done(results); // dropping `tx` rolls back
             }
             continue;
         }
-        // A failed request is undone alone; the others in the batch still commit.
         let end = if ok {
             "RELEASE op"
         } else {
             "ROLLBACK TO op; RELEASE op"
         };
         if let Err(e) = tx.execute_batch(end) {
-            let mut rest = unapplied(pending.collect());
-            applied.append(&mut rest);
-            return Err((applied, e));
+            return Attempt::Failed(e);
         }
     }
+    let closed: Vec<usize> = requests
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, r)| r.gate.take()?.blocking_recv().is_err().then_some(i))
+        .collect();
+    if !closed.is_empty() {
+        return Attempt::GatesClosed(closed); // dropping `tx` rolls back
+    }
     match tx.commit() {
-        Ok(()) => Ok(applied),
-        Err(e) => Err((applied, e)),
+        Ok(()) => Attempt::Done(results),
+        Err(e) => Attempt::Failed(e),
     }
 }
 
@@ -421,4 +497,131 @@ fn refresh_study_counts(conn: &Connection, study_pk: i64) -> rusqlite::Result<()
     )?
     .execute([study_pk])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::record::{InstanceAttrs, SeriesAttrs, StudyAttrs};
+    use super::*;
+
+    fn record(sop: &str) -> InstanceRecord {
+        InstanceRecord {
+            study: StudyAttrs {
+                study_uid: "1.2".into(),
+                attrs_json: "{}".into(),
+                ..Default::default()
+            },
+            series: SeriesAttrs {
+                series_uid: "1.2.3".into(),
+                attrs_json: "{}".into(),
+                ..Default::default()
+            },
+            instance: InstanceAttrs {
+                sop_instance_uid: sop.into(),
+                storage_key: format!("{sop}.dcm"),
+                metadata_json: "{}".into(),
+                frame_layout: "{}".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn indexed(path: &Path) -> Vec<String> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT sop_instance_uid FROM instances ORDER BY sop_instance_uid")
+            .unwrap();
+        let rows = stmt.query_map([], |row| row.get(0)).unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_gated_insert_commits_only_once_its_gate_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("index.db").display());
+        let index = super::super::Index::open(&url, 1).await.unwrap();
+        let path = dir.path().join("index.db");
+
+        // Two gated inserts queued together: one gate opens, the other is dropped (storage failed).
+        let (kept, dropped) = {
+            let index = index.clone();
+            tokio::task::spawn_blocking(move || {
+                let a = index
+                    .insert_gated_blocking(record("1.2.3.1"), false)
+                    .unwrap();
+                let b = index
+                    .insert_gated_blocking(record("1.2.3.2"), false)
+                    .unwrap();
+                (a, b)
+            })
+            .await
+            .unwrap()
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            indexed(&path).is_empty(),
+            "nothing commits before the gates"
+        );
+        let ((gate_a, pending_a), (gate_b, pending_b)) = (kept, dropped);
+        gate_a.open();
+        drop(gate_b);
+        assert_eq!(pending_a.outcome().await.unwrap(), InsertOutcome::Inserted);
+        assert!(matches!(
+            pending_b.outcome().await,
+            Err(WriteError::Abandoned)
+        ));
+        assert_eq!(indexed(&path), vec!["1.2.3.1".to_string()]);
+
+        // The study's counts are those of the committed insert only.
+        let conn = Connection::open(&path).unwrap();
+        let count: i64 = conn
+            .query_row("SELECT num_instances FROM studies", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_with_a_closed_gate_commits_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("index.db").display());
+        drop(super::super::Index::open(&url, 1).await.unwrap());
+        let path = dir.path().join("index.db");
+        let mut conn = open(&path).unwrap();
+        let mut replies = Vec::new();
+        let mut requests = Vec::new();
+        for (sop, opens) in [("1.2.3.1", true), ("1.2.3.2", false), ("1.2.3.3", true)] {
+            let (reply, rx) = oneshot::channel();
+            let (open_gate, gate) = oneshot::channel();
+            if opens {
+                open_gate.send(()).unwrap();
+            }
+            replies.push(rx);
+            requests.push(Request {
+                op: Op::Insert {
+                    record: Box::new(record(sop)),
+                    replace: false,
+                },
+                reply,
+                gate: Some(gate),
+            });
+        }
+        tokio::task::spawn_blocking(move || {
+            for (reply, result) in commit_batch(&mut conn, requests) {
+                let _ = reply.send(result);
+            }
+        })
+        .await
+        .unwrap();
+        let outcomes: Vec<bool> =
+            futures::future::join_all(replies.into_iter().map(|rx| PendingInsert(rx).outcome()))
+                .await
+                .iter()
+                .map(Result::is_ok)
+                .collect();
+        assert_eq!(outcomes, [true, false, true]);
+        assert_eq!(
+            indexed(&path),
+            vec!["1.2.3.1".to_string(), "1.2.3.3".to_string()]
+        );
+    }
 }

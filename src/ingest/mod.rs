@@ -24,8 +24,8 @@ use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
 
 use crate::config::DuplicatePolicy;
-use crate::index::{Index, InsertOutcome, WriteError};
-use crate::storage::{instance_key, ObjectStore, StorageError};
+use crate::index::{Index, InsertOutcome, PendingInsert, WriteError};
+use crate::storage::{instance_key, ObjectStore, PutPath, StorageError};
 use extract::{build_record, geometry, object_uids, ObjectUids};
 use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
 
@@ -74,10 +74,10 @@ pub struct Ingestor {
 enum Step {
     /// Already indexed, and the policy keeps the first copy.
     Duplicate,
-    /// Parsed and durable in storage.
-    Stored(Parsed),
-    /// Parsed; to be put into storage.
-    ToStore(Parsed),
+    /// Durable in storage under `key`; its insert commits (or failed) in the index writer.
+    Indexing { key: String, pending: PendingInsert },
+    /// Parsed; to be put into storage, then indexed.
+    ToStore(Box<Parsed>),
 }
 
 /// The result of parsing a spooled object, before anything is stored.
@@ -93,11 +93,12 @@ impl Ingestor {
         on_duplicate: DuplicatePolicy,
         spool_dir: PathBuf,
     ) -> std::io::Result<Ingestor> {
+        let write_back_early = store.put_path(spool::BUFFER as u64 + 1) == PutPath::WriteBackFirst;
         Ok(Ingestor {
             store,
             index,
             on_duplicate,
-            spool: SpoolFiles::new(&spool_dir)?,
+            spool: SpoolFiles::new(&spool_dir, write_back_early)?,
         })
     }
 
@@ -115,18 +116,23 @@ impl Ingestor {
     ) -> Result<Outcome, IngestError> {
         let size = spooled.size();
         let key_suffix = unique_suffix();
-        let write_back = self.store.wants_write_back(size);
-        let lookup = (self.on_duplicate == DuplicatePolicy::KeepFirst).then(|| self.index.clone());
-        let (store, expected) = (self.store.clone(), expected.cloned());
+        let put_path = self.store.put_path(size);
+        let replace = self.on_duplicate == DuplicatePolicy::Replace;
+        let keep_first = !replace;
+        let (store, index, expected) = (self.store.clone(), self.index.clone(), expected.cloned());
         // One blocking task: the spool file's last bytes are written, the header parsed and checked,
         // the SOP Instance UID looked up (keep_first), and then either the object stored (a backend
-        // that can store from blocking code) or its data written back to disk (a store that flushes
-        // the moved file itself). Each hand-off between threads costs a wake-up on the critical
-        // path of a C-STORE.
+        // that can store from blocking code, while the index writer runs the insert that commits
+        // once the object is durable) or its data written back to disk (a store that flushes the
+        // moved file itself). Each hand-off between threads costs a wake-up on the critical path of
+        // a C-STORE.
         let job = tokio::task::spawn_blocking(move || {
             let mut spooled = spooled;
-            let step = || -> Result<Step, IngestError> {
+            let mut step = || -> Result<Step, IngestError> {
                 spooled.write_tail().map_err(spool_error)?;
+                if put_path == PutPath::WriteBackFirst {
+                    spooled.start_write_back().map_err(spool_error)?;
+                }
                 let parsed = parse(spooled.path(), size, |uids| {
                     instance_key(
                         &uids.study_uid,
@@ -138,23 +144,28 @@ impl Ingestor {
                 if let Some(exp) = &expected {
                     check_expected(&parsed.uids, exp)?;
                 }
-                if let Some(index) = lookup {
-                    let uid = &parsed.uids.sop_instance_uid;
-                    if index
-                        .instance_exists_blocking(uid)
+                if keep_first
+                    && index
+                        .instance_exists_blocking(&parsed.uids.sop_instance_uid)
                         .map_err(|e| IngestError::Index(e.into()))?
-                    {
-                        return Ok(Step::Duplicate);
+                {
+                    return Ok(Step::Duplicate);
+                }
+                match put_path {
+                    PutPath::Blocking => {
+                        let key = parsed.record.instance.storage_key.clone();
+                        // The gate is dropped unopened if storing fails: nothing is committed.
+                        let (gate, pending) =
+                            index.insert_gated_blocking(parsed.record, replace)?;
+                        store.put_file_blocking(&key, spooled.path())?;
+                        gate.open();
+                        Ok(Step::Indexing { key, pending })
                     }
-                }
-                if write_back {
-                    spooled.write_back().map_err(spool_error)?;
-                    return Ok(Step::ToStore(parsed));
-                }
-                let key = &parsed.record.instance.storage_key;
-                match store.put_file_blocking(key, spooled.path()) {
-                    Some(stored) => stored.map(|()| Step::Stored(parsed)).map_err(Into::into),
-                    None => Ok(Step::ToStore(parsed)),
+                    PutPath::WriteBackFirst => {
+                        spooled.write_back().map_err(spool_error)?;
+                        Ok(Step::ToStore(Box::new(parsed)))
+                    }
+                    PutPath::Async => Ok(Step::ToStore(Box::new(parsed))),
                 }
             };
             let step = step();
@@ -162,21 +173,19 @@ impl Ingestor {
         });
         let (spooled, step) = job.await.expect("parse task panicked");
         // A refused object's or a resent duplicate's spool file is removed (dropped) before the answer.
-        let parsed = match step? {
+        let (key, outcome) = match step? {
             Step::Duplicate => return Ok(Outcome::DuplicateKept),
-            Step::Stored(parsed) => {
+            Step::Indexing { key, pending } => {
                 spooled.mark_stored();
-                parsed
+                (key, pending.outcome().await)
             }
             Step::ToStore(parsed) => {
                 let key = parsed.record.instance.storage_key.clone();
                 spooled.store_into(self.store.as_ref(), &key).await?;
-                parsed
+                (key, self.index.insert(parsed.record, replace).await)
             }
         };
-        let key = parsed.record.instance.storage_key.clone();
-        let replace = self.on_duplicate == DuplicatePolicy::Replace;
-        match self.index.insert(parsed.record, replace).await {
+        match outcome {
             Ok(InsertOutcome::Inserted) => Ok(Outcome::Stored),
             Ok(InsertOutcome::Duplicate) => {
                 self.delete_quietly(&key).await;

@@ -21,11 +21,12 @@ pub struct SpoolWriter {
     buf: Vec<u8>,
     path: TempPath,
     size: u64,
+    write_back_early: bool,
 }
 
 /// Bytes buffered before they are written: a small object is written once, with its last bytes, by
 /// ingest's parse task ([`Spooled::write_tail`]).
-const BUFFER: usize = 256 * 1024;
+pub const BUFFER: usize = 256 * 1024;
 
 /// A complete spool file, except maybe its last bytes (not yet durable: the store makes it so).
 pub struct Spooled {
@@ -42,6 +43,9 @@ pub struct SpoolFiles {
     dir: PathBuf,
     ready: Mutex<Vec<(std::fs::File, TempPath)>>,
     wanted: Notify,
+    /// Whether an object larger than [`BUFFER`] is flushed from its spool file by the store (see
+    /// [`SpoolWriter::write`]).
+    write_back_early: bool,
 }
 
 /// Spool files kept ready.
@@ -50,12 +54,14 @@ const READY: usize = 8;
 impl SpoolFiles {
     /// Starts the refill task (needs a tokio runtime; it lives as long as the runtime, like the
     /// ingest path it serves). Files left ready at exit are removed by `clear_stale` at the next start.
-    pub fn new(dir: &Path) -> std::io::Result<Arc<SpoolFiles>> {
+    /// `write_back_early`: the store flushes objects larger than [`BUFFER`] from the spool file itself.
+    pub fn new(dir: &Path, write_back_early: bool) -> std::io::Result<Arc<SpoolFiles>> {
         std::fs::create_dir_all(dir)?;
         let files = Arc::new(SpoolFiles {
             dir: dir.to_path_buf(),
             ready: Mutex::new(Vec::with_capacity(READY)),
             wanted: Notify::new(),
+            write_back_early,
         });
         let pool = files.clone();
         tokio::spawn(async move {
@@ -114,6 +120,7 @@ impl SpoolWriter {
             buf: Vec::with_capacity(BUFFER),
             path,
             size: 0,
+            write_back_early: files.write_back_early,
         })
     }
 
@@ -132,15 +139,22 @@ impl SpoolWriter {
         Ok(writer)
     }
 
+    /// Appends bytes. A full buffer is written by a blocking task while the next one fills; when
+    /// the store flushes such an object from this file, the written part's writeback to disk is
+    /// started too, so that the disk write overlaps the network receive instead of following it.
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         // Hand the buffer over before it would have to grow (a reallocation copies it).
         if !self.buf.is_empty() && self.buf.len() + bytes.len() > BUFFER {
             let file = self.reclaim().await?;
             let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER));
+            let write_back = self.write_back_early;
             self.writing = Some(tokio::task::spawn_blocking(move || {
                 use std::io::Write;
                 let mut file = file;
-                let written = file.write_all(&buf);
+                let mut written = file.write_all(&buf);
+                if written.is_ok() && write_back {
+                    written = sync_file_range(&file, libc::SYNC_FILE_RANGE_WRITE);
+                }
                 (file, written)
             }));
         }
@@ -198,19 +212,18 @@ impl Spooled {
     /// store's flush after its rename then only has to commit the journal: one disk flush per object
     /// instead of two (data, then the rename). Only a speed-up: durability is the store's job.
     pub fn write_back(&self) -> std::io::Result<()> {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        sync_file_range(
+            &self.file,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
                 | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            // SAFETY: plain syscall on a file descriptor this struct owns; a length of 0 means "to
-            // the end of the file".
-            if unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, flags) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    }
+
+    /// Starts [`Spooled::write_back`] without waiting for it (blocking only while the disk's queue
+    /// is full), so that the parse overlaps the disk write.
+    pub fn start_write_back(&self) -> std::io::Result<()> {
+        sync_file_range(&self.file, libc::SYNC_FILE_RANGE_WRITE)
     }
 
     /// Moves the file into storage under `key`, durably; on failure the spool file is removed.
@@ -224,6 +237,22 @@ impl Spooled {
     pub fn mark_stored(self) {
         let _ = self.path.keep();
     }
+}
+
+/// `sync_file_range` over the whole file (a no-op where the call does not exist).
+fn sync_file_range(file: &std::fs::File, flags: libc::c_uint) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a file descriptor the caller owns; a length of 0 means "to the
+        // end of the file".
+        if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, flags);
+    Ok(())
 }
 
 /// Removes spool files left by a previous run (objects that were never acknowledged); run it before

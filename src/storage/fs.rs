@@ -1,10 +1,11 @@
 //! Filesystem backend: one file per object under a root directory.
 //!
-//! Durability: objects up to [`wal::MAX_RECORD_DATA`] are made durable by the write-ahead log
+//! Durability: objects up to [`wal::LOGGED_UP_TO`] are made durable by the write-ahead log
 //! (`<root>/.wal`, see [`super::wal`]): one append and one data flush, shared by whatever else is
 //! being stored at the same moment, then an unflushed rename into place. Larger objects are renamed
 //! into place and flushed themselves (data and directory); ingest has already written their data back
-//! (`Spooled::write_back`), so that flush only commits the journal. A crash before `put_file`
+//! (started as the spool file filled, waited for while it parsed: `Spooled::write_back`), so that
+//! flush only commits the journal. A crash before `put_file`
 //! returns can leave an unacknowledged object under its key; it has no index row, and start-up
 //! reconcile indexes it if it is whole or reports it.
 
@@ -18,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::wal::{self, Wal};
-use super::{ByteStream, KeyStream, ObjectStore, StorageError};
+use super::{ByteStream, KeyStream, ObjectStore, PutPath, StorageError};
 
 /// Objects up to this size are read whole by `get` (bounded memory per request); larger ones stream.
 const WHOLE_READ: u64 = 2 << 20;
@@ -74,7 +75,7 @@ impl FsStore {
 /// Stores `src` under `dest` through the write-ahead log (blocking); false, with nothing done, for
 /// an object too large for the log.
 fn put_logged(wal: &Wal, key: &str, src: &Path, dest: &Path) -> std::io::Result<bool> {
-    if std::fs::metadata(src)?.len() > wal::MAX_RECORD_DATA {
+    if std::fs::metadata(src)?.len() > wal::LOGGED_UP_TO {
         return Ok(false);
     }
     wal.put_blocking(key, src, dest).map(|()| true)
@@ -133,20 +134,24 @@ impl ObjectStore for FsStore {
         }
     }
 
-    fn put_file_blocking(&self, key: &str, src: &Path) -> Option<Result<(), StorageError>> {
-        let logged = self.path_of(key).and_then(|dest| {
-            put_logged(&self.wal, key, src, &dest).map_err(|e| StorageError::io(key, e))
-        });
-        // Too large for the log: the async path (its own flush, after the write-back).
-        match logged {
-            Ok(false) => None,
-            Ok(true) => Some(Ok(())),
-            Err(e) => Some(Err(e)),
+    fn put_path(&self, size: u64) -> PutPath {
+        if size <= wal::LOGGED_UP_TO {
+            PutPath::Blocking
+        } else {
+            PutPath::WriteBackFirst
         }
     }
 
-    fn wants_write_back(&self, size: u64) -> bool {
-        size > wal::MAX_RECORD_DATA
+    fn put_file_blocking(&self, key: &str, src: &Path) -> Result<(), StorageError> {
+        let dest = self.path_of(key)?;
+        match put_logged(&self.wal, key, src, &dest) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StorageError::io(
+                key,
+                std::io::Error::other("object too large for the write-ahead log"),
+            )),
+            Err(e) => Err(StorageError::io(key, e)),
+        }
     }
 
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError> {

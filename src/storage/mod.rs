@@ -43,6 +43,19 @@ pub async fn open(config: &crate::config::StorageConfig) -> anyhow::Result<Arc<d
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 pub type KeyStream = Pin<Box<dyn Stream<Item = Result<String, StorageError>> + Send>>;
 
+/// How ingest hands a spooled object to a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutPath {
+    /// `put_file_blocking`, from the blocking task that parsed the object (the filesystem's
+    /// write-ahead log): no thread hand-off, and the index insert is prepared while it runs.
+    Blocking,
+    /// `put_file`, after ingest wrote the spool file's data back to disk while it parsed
+    /// (`Spooled::write_back`): the store moves the file into place and flushes it itself.
+    WriteBackFirst,
+    /// `put_file` (a remote store).
+    Async,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("object {0} not found")]
@@ -75,17 +88,16 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Stores the content of the local file `src` under `key`, replacing any object there, and
     /// returns once it is durable. `src` is consumed (moved or deleted).
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError>;
-    /// Stores like `put_file`, from blocking code, when the backend can without a runtime (the
-    /// filesystem's write-ahead log); None when the object must go through `put_file`. Ingest stores
-    /// small objects from the same blocking task that parsed them: one thread hand-off fewer.
-    fn put_file_blocking(&self, _key: &str, _src: &Path) -> Option<Result<(), StorageError>> {
-        None
+    /// How ingest should hand this store a spooled object of `size` bytes.
+    fn put_path(&self, _size: u64) -> PutPath {
+        PutPath::Async
     }
-    /// Whether ingest should write a spooled object of `size` bytes back to disk while it parses
-    /// (`Spooled::write_back`): worth it only where `put_file` moves the file into place and flushes
-    /// it itself.
-    fn wants_write_back(&self, _size: u64) -> bool {
-        false
+    /// Stores like `put_file`, from blocking code; only for objects `put_path` says `Blocking`.
+    fn put_file_blocking(&self, key: &str, _src: &Path) -> Result<(), StorageError> {
+        Err(StorageError::io(
+            key,
+            std::io::Error::other("this store cannot store from blocking code"),
+        ))
     }
     /// Streams the whole object.
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError>;
