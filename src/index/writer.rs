@@ -542,7 +542,7 @@ mod tests {
         let index = super::super::Index::open(&url, 1).await.unwrap();
         let path = dir.path().join("index.db");
 
-        // Two gated inserts queued together: one gate opens, the other is dropped (storage failed).
+        // Two gated inserts (one batch or two): one gate opens, the other is dropped (storage failed).
         let (kept, dropped) = {
             let index = index.clone();
             tokio::task::spawn_blocking(move || {
