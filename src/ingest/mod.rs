@@ -93,7 +93,8 @@ impl Ingestor {
         on_duplicate: DuplicatePolicy,
         spool_dir: PathBuf,
     ) -> std::io::Result<Ingestor> {
-        let write_back_early = store.put_path(spool::BUFFER as u64 + 1) == PutPath::WriteBackFirst;
+        let write_back_early =
+            store.put_path(spool::BUFFER as u64 + 1) == PutPath::BlockingAfterWriteBack;
         Ok(Ingestor {
             store,
             index,
@@ -121,16 +122,17 @@ impl Ingestor {
         let keep_first = !replace;
         let (store, index, expected) = (self.store.clone(), self.index.clone(), expected.cloned());
         // One blocking task: the spool file's last bytes are written, the header parsed and checked,
-        // the SOP Instance UID looked up (keep_first), and then either the object stored (a backend
-        // that can store from blocking code, while the index writer runs the insert that commits
-        // once the object is durable) or its data written back to disk (a store that flushes the
-        // moved file itself). Each hand-off between threads costs a wake-up on the critical path of
-        // a C-STORE.
+        // the SOP Instance UID looked up (keep_first), and, for a store that works from blocking
+        // code (the filesystem), the insert queued to the index writer and the object stored (its
+        // data written back first when the store flushes the file itself); the insert commits once
+        // the object is durable. A remote store's put follows on the async side. Each hand-off
+        // between threads costs a wake-up on the critical path of a C-STORE.
         let job = tokio::task::spawn_blocking(move || {
             let mut spooled = spooled;
             let mut step = || -> Result<Step, IngestError> {
                 spooled.write_tail().map_err(spool_error)?;
-                if put_path == PutPath::WriteBackFirst {
+                let write_back = put_path == PutPath::BlockingAfterWriteBack;
+                if write_back {
                     spooled.start_write_back().map_err(spool_error)?;
                 }
                 let parsed = parse(spooled.path(), size, |uids| {
@@ -151,22 +153,19 @@ impl Ingestor {
                 {
                     return Ok(Step::Duplicate);
                 }
-                match put_path {
-                    PutPath::Blocking => {
-                        let key = parsed.record.instance.storage_key.clone();
-                        // The gate is dropped unopened if storing fails: nothing is committed.
-                        let (gate, pending) =
-                            index.insert_gated_blocking(parsed.record, replace)?;
-                        store.put_file_blocking(&key, spooled.path())?;
-                        gate.open();
-                        Ok(Step::Indexing { key, pending })
-                    }
-                    PutPath::WriteBackFirst => {
-                        spooled.write_back().map_err(spool_error)?;
-                        Ok(Step::ToStore(Box::new(parsed)))
-                    }
-                    PutPath::Async => Ok(Step::ToStore(Box::new(parsed))),
+                if put_path == PutPath::Async {
+                    return Ok(Step::ToStore(Box::new(parsed)));
                 }
+                let key = parsed.record.instance.storage_key.clone();
+                // The insert's statements run while the object is made durable; its gate is
+                // dropped unopened if storing fails, and then nothing is committed.
+                let (gate, pending) = index.insert_gated_blocking(parsed.record, replace)?;
+                if write_back {
+                    spooled.write_back().map_err(spool_error)?;
+                }
+                store.put_file_blocking(&key, spooled.path())?;
+                gate.open();
+                Ok(Step::Indexing { key, pending })
             };
             let step = step();
             (spooled, step)

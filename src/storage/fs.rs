@@ -51,34 +51,23 @@ impl FsStore {
     fn path_of(&self, key: &str) -> Result<PathBuf, StorageError> {
         key_path(&self.root, key)
     }
-
-    /// The path for objects too large for the log: rename into place, then flush data and directory.
-    async fn put_flushed(
-        &self,
-        key: &str,
-        dest: PathBuf,
-        src: PathBuf,
-    ) -> Result<(), StorageError> {
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            create_parents_durably(&root, &dest)?;
-            move_file(&src, &dest)?;
-            std::fs::File::open(&dest)?.sync_data()?;
-            sync_dir(dest.parent().expect("object path has a parent"))
-        })
-        .await
-        .expect("blocking storage task panicked")
-        .map_err(|e| StorageError::io(key, e))
-    }
 }
 
-/// Stores `src` under `dest` through the write-ahead log (blocking); false, with nothing done, for
-/// an object too large for the log.
-fn put_logged(wal: &Wal, key: &str, src: &Path, dest: &Path) -> std::io::Result<bool> {
-    if std::fs::metadata(src)?.len() > wal::LOGGED_UP_TO {
-        return Ok(false);
-    }
-    wal.put_blocking(key, src, dest).map(|()| true)
+/// Stores `src` under `key` durably (blocking): through the write-ahead log up to
+/// [`wal::LOGGED_UP_TO`]; a larger object is renamed into place, then its data and directory are
+/// flushed (ingest has written its data back already, so the flush commits the journal).
+fn store_blocking(root: &Path, wal: &Wal, key: &str, src: &Path) -> Result<(), StorageError> {
+    let dest = key_path(root, key)?;
+    let stored = (|| -> std::io::Result<()> {
+        if std::fs::metadata(src)?.len() <= wal::LOGGED_UP_TO {
+            return wal.put_blocking(key, src, &dest);
+        }
+        create_parents_durably(root, &dest)?;
+        move_file(src, &dest)?;
+        std::fs::File::open(&dest)?.sync_data()?;
+        sync_dir(dest.parent().expect("object path has a parent"))
+    })();
+    stored.map_err(|e| StorageError::io(key, e))
 }
 
 /// Renames `src` to `dest`, or copies it when the spool is on another file system.
@@ -120,38 +109,23 @@ fn create_parents_durably(root: &Path, path: &Path) -> std::io::Result<()> {
 #[async_trait]
 impl ObjectStore for FsStore {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
-        let dest = self.path_of(key)?;
-        let (wal, key_owned, src) = (self.wal.clone(), key.to_string(), src.to_path_buf());
-        let (logged, src, dest) = tokio::task::spawn_blocking(move || {
-            let logged = put_logged(&wal, &key_owned, &src, &dest);
-            (logged, src, dest)
-        })
-        .await
-        .expect("write-ahead log task panicked");
-        match logged.map_err(|e| StorageError::io(key, e))? {
-            true => Ok(()),
-            false => self.put_flushed(key, dest, src).await,
-        }
+        let (root, wal) = (self.root.clone(), self.wal.clone());
+        let (key, src) = (key.to_string(), src.to_path_buf());
+        tokio::task::spawn_blocking(move || store_blocking(&root, &wal, &key, &src))
+            .await
+            .expect("blocking storage task panicked")
     }
 
     fn put_path(&self, size: u64) -> PutPath {
         if size <= wal::LOGGED_UP_TO {
             PutPath::Blocking
         } else {
-            PutPath::WriteBackFirst
+            PutPath::BlockingAfterWriteBack
         }
     }
 
     fn put_file_blocking(&self, key: &str, src: &Path) -> Result<(), StorageError> {
-        let dest = self.path_of(key)?;
-        match put_logged(&self.wal, key, src, &dest) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(StorageError::io(
-                key,
-                std::io::Error::other("object too large for the write-ahead log"),
-            )),
-            Err(e) => Err(StorageError::io(key, e)),
-        }
+        store_blocking(&self.root, &self.wal, key, src)
     }
 
     async fn get(&self, key: &str) -> Result<(u64, ByteStream), StorageError> {

@@ -47,11 +47,12 @@ pub type KeyStream = Pin<Box<dyn Stream<Item = Result<String, StorageError>> + S
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutPath {
     /// `put_file_blocking`, from the blocking task that parsed the object (the filesystem's
-    /// write-ahead log): no thread hand-off, and the index insert is prepared while it runs.
+    /// write-ahead log): no thread hand-off, and the index insert runs while the object is stored.
     Blocking,
-    /// `put_file`, after ingest wrote the spool file's data back to disk while it parsed
-    /// (`Spooled::write_back`): the store moves the file into place and flushes it itself.
-    WriteBackFirst,
+    /// The same, after ingest wrote the spool file's data back to disk (`Spooled::write_back`,
+    /// started as the file filled): the store moves the file into place and flushes it itself, so
+    /// its flush only commits the journal.
+    BlockingAfterWriteBack,
     /// `put_file` (a remote store).
     Async,
 }
