@@ -587,7 +587,7 @@ class Server:
 WORK_DIRS_TO_REMOVE: list = []
 
 
-def fresh_file_system(size_gb: int = 8) -> str | None:
+def fresh_file_system(size_gb: int = 16) -> str | None:
     """Makes and mounts an ext4 file system (with its journal, as deployed servers have) on a sparse
     loop image for the servers' data, removed at exit. Every run then starts on a file system no earlier
     run has deleted files from (see WORK_DIRS_TO_REMOVE). Returns None (servers use $TMPDIR) if the
@@ -1281,17 +1281,21 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
 
 
 def ingest_round(kind: str, args, m: dict, cache: Path) -> dict:
-    """One more round of the single-association ingest cases (MR, then CT, each on a fresh server)."""
+    """One more round of the ingest cases (MR, CT, then 20,000 small over 4 associations), each on a
+    fresh server."""
     out: dict = {}
-    for key, case in (("ingest_mr", "mr2k"), ("ingest_ct", "ct500")):
+    cases = (("ingest_mr", [m["mr2k"]["dir"]], m["mr2k"], False),
+             ("ingest_ct", [m["ct500"]["dir"]], m["ct500"], False),
+             ("ingest_parallel", m["small20k"]["parts"], m["small20k"], True))
+    for key, dirs, case, parallel in cases:
         wait_disk_quiet()
         srv = (OrthancServer(args.work_root) if kind == "orthanc" else
-               StorescpServer(args.work_root, fork=False) if kind == "storescp" else
+               StorescpServer(args.work_root, fork=parallel) if kind == "storescp" else
                GatewayServer(args.work_root, args.gateway_bin))
         try:
             srv.start(args.ready_timeout)
-            out[key] = measure_ingest(srv, [cache / m[case]["dir"]], m[case]["count"], m[case]["bytes"],
-                                      False, args.ingest_timeout)
+            out[key] = measure_ingest(srv, [cache / d for d in dirs], case["count"], case["bytes"],
+                                      parallel, args.ingest_timeout)
         except Exception as e:
             log(f"  {kind} extra {key} round: {e}")
         finally:
@@ -1302,22 +1306,30 @@ def ingest_round(kind: str, args, m: dict, cache: Path) -> dict:
 
 
 def paired_ratios(gw_rates: list | None, orthanc_rates: list | None) -> list[float]:
-    """Gateway/Orthanc rate ratios round by round: each pair ran seconds apart, so a slow spell of
-    the machine affects both sides of a ratio alike."""
+    """Gateway/Orthanc rate ratios round by round (a round that failed on either side is left out):
+    each pair ran seconds apart, so a slow spell of the machine affects both sides of a ratio alike."""
     if not gw_rates or not orthanc_rates or len(gw_rates) != len(orthanc_rates):
         return []
-    return [g / o for g, o in zip(gw_rates, orthanc_rates) if o]
+    return [g / o for g, o in zip(gw_rates, orthanc_rates) if g and o]
+
+
+INGEST_CASES = (("ingest_mr", "MR"), ("ingest_ct", "CT"), ("ingest_parallel", "4 associations"))
 
 
 def fold_rounds(res: dict, rounds: list[dict]) -> None:
-    """Replaces each single-association ingest rate by the median over all rounds (the servers take
-    turns round by round, so a slow spell of the machine hits both), keeping every round's rate."""
-    for key in ("ingest_mr", "ingest_ct"):
-        first = res.get(key)
-        if not first:
+    """Replaces each ingest rate by the median over all rounds (the servers take turns round by
+    round, so a slow spell of the machine hits both), keeping every round's rate (None where a round
+    failed)."""
+    for key, _ in INGEST_CASES:
+        runs = [res.get(key)] + [r.get(key) for r in rounds]
+        rates = [x["inst_per_s"] if x else None for x in runs]
+        done = sorted(x for x in rates if x)
+        if not done:
             continue
-        rates = [first["inst_per_s"]] + [r[key]["inst_per_s"] for r in rounds if key in r]
-        med = sorted(rates)[len(rates) // 2]
+        if not res.get(key):
+            res[key] = dict(next(x for x in runs if x))
+        med = done[len(done) // 2]
+        first = res[key]
         first["rounds_inst_per_s"] = rates
         first["inst_per_s"] = med
         first["wall_s"] = first["count"] / med
@@ -1562,15 +1574,16 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
         lines += ["", "Notes:", ""] + [f"- {n}".replace("\n", "\n  ") for n in notes]
     rounds = meta.get("ingest_rounds", 1)
     if rounds > 1:
-        lines += ["", f"Single-association ingest rates are medians of {rounds} rounds, each on a fresh server, "
+        lines += ["", f"Ingest rates are medians of {rounds} rounds, each case on a fresh server, "
                   "the servers taking turns (Orthanc, then the gateway); the ratio is the "
                   "median of the rounds' ratios (inst/s per round):", ""]
         for name, r in (("gateway", gw), ("orthanc", orth), ("storescp", scp)):
-            for key, label in (("ingest_mr", "MR"), ("ingest_ct", "CT")):
+            for key, label in INGEST_CASES:
                 rates = get(r, key, "rounds_inst_per_s") if r else None
                 if rates:
-                    lines.append(f"- {name} {label}: " + ", ".join(f"{x:,.0f}" for x in rates))
-        for key, label in (("ingest_mr", "MR"), ("ingest_ct", "CT")):
+                    lines.append(f"- {name} {label}: "
+                                 + ", ".join(f"{x:,.0f}" if x else "failed" for x in rates))
+        for key, label in INGEST_CASES:
             paired = paired_ratios(get(gw, key, "rounds_inst_per_s"), get(orth, key, "rounds_inst_per_s"))
             if paired:
                 lines.append(f"- gateway/Orthanc {label}, round by round: "
@@ -1691,7 +1704,7 @@ def main() -> int:
         if kind == "orthanc" and results[kind].get("version"):
             meta["orthanc_version"] = results[kind]["version"]
 
-    # More rounds of the single-association ingest cases, the servers taking turns; medians reported.
+    # More rounds of the ingest cases, the servers taking turns; medians reported.
     if "ingest" in args.only and prof["ingest_rounds"] > 1:
         ran = [k for k in args.servers if k in results and results[k].get("ingest_ct")]
         extra: dict = {k: [] for k in ran}
