@@ -93,7 +93,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn put_path(&self, _size: u64) -> PutPath {
         PutPath::Async
     }
-    /// Stores like `put_file`, from blocking code; only for objects `put_path` says `Blocking`.
+    /// Stores like `put_file`, from blocking code; only for objects `put_path` does not say `Async`.
     fn put_file_blocking(&self, key: &str, _src: &Path) -> Result<(), StorageError> {
         Err(StorageError::io(
             key,
