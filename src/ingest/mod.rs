@@ -24,7 +24,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
 
 use crate::config::DuplicatePolicy;
-use crate::index::{Index, InsertOutcome, PendingInsert, WriteError};
+use crate::index::{Index, InsertOutcome, WriteError};
 use crate::storage::{instance_key, ObjectStore, PutPath, StorageError};
 use extract::{build_record, geometry, object_uids, ObjectUids};
 use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
@@ -74,8 +74,11 @@ pub struct Ingestor {
 enum Step {
     /// Already indexed, and the policy keeps the first copy.
     Duplicate,
-    /// Durable in storage under `key`; its insert commits (or failed) in the index writer.
-    Indexing { key: String, pending: PendingInsert },
+    /// Durable in storage under `key`, and the outcome of its (gated) insert.
+    Indexed {
+        key: String,
+        outcome: Result<InsertOutcome, WriteError>,
+    },
     /// Parsed; to be put into storage, then indexed.
     ToStore(Box<Parsed>),
 }
@@ -165,7 +168,8 @@ impl Ingestor {
                 }
                 store.put_file_blocking(&key, spooled.path())?;
                 gate.open();
-                Ok(Step::Indexing { key, pending })
+                let outcome = pending.wait_blocking();
+                Ok(Step::Indexed { key, outcome })
             };
             let step = step();
             (spooled, step)
@@ -174,9 +178,9 @@ impl Ingestor {
         // A refused object's or a resent duplicate's spool file is removed (dropped) before the answer.
         let (key, outcome) = match step? {
             Step::Duplicate => return Ok(Outcome::DuplicateKept),
-            Step::Indexing { key, pending } => {
+            Step::Indexed { key, outcome } => {
                 spooled.mark_stored();
-                (key, pending.outcome().await)
+                (key, outcome)
             }
             Step::ToStore(parsed) => {
                 let key = parsed.record.instance.storage_key.clone();
