@@ -1192,13 +1192,6 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
     res: dict = {"errors": []}
     phases = args.only
 
-    def make(fork=False) -> Server:
-        if kind == "orthanc":
-            return OrthancServer(args.work_root)
-        if kind == "storescp":
-            return StorescpServer(args.work_root, fork=fork)
-        return GatewayServer(args.work_root, args.gateway_bin)
-
     def run_phase(label, fn):
         try:
             return fn()
@@ -1215,7 +1208,7 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
         waited = wait_disk_quiet()
         if waited > 3:
             log(f"  waited {waited:.0f}s for the disk to go quiet before {kind}")
-        srv = make()
+        srv = make_server(kind, args)
         try:
             run_phase("start", lambda: srv.start(args.ready_timeout))
             if not srv.alive():
@@ -1239,7 +1232,7 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
     if not need_ct:
         return res
     wait_disk_quiet()
-    srv = make(fork=True)
+    srv = make_server(kind, args, fork=True)
     try:
         run_phase("start", lambda: srv.start(args.ready_timeout))
         if not srv.alive():
@@ -1280,6 +1273,15 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
     return res
 
 
+def make_server(kind: str, args, fork: bool = False) -> Server:
+    """A fresh server of `kind` (storescp with `--fork` for concurrent associations)."""
+    if kind == "orthanc":
+        return OrthancServer(args.work_root)
+    if kind == "storescp":
+        return StorescpServer(args.work_root, fork=fork)
+    return GatewayServer(args.work_root, args.gateway_bin)
+
+
 def ingest_round(kind: str, args, m: dict, cache: Path) -> dict:
     """One more round of the ingest cases (MR, CT, then 20,000 small over 4 associations), each on a
     fresh server."""
@@ -1289,9 +1291,7 @@ def ingest_round(kind: str, args, m: dict, cache: Path) -> dict:
              ("ingest_parallel", m["small20k"]["parts"], m["small20k"], True))
     for key, dirs, case, parallel in cases:
         wait_disk_quiet()
-        srv = (OrthancServer(args.work_root) if kind == "orthanc" else
-               StorescpServer(args.work_root, fork=parallel) if kind == "storescp" else
-               GatewayServer(args.work_root, args.gateway_bin))
+        srv = make_server(kind, args, fork=parallel)
         try:
             srv.start(args.ready_timeout)
             out[key] = measure_ingest(srv, [cache / d for d in dirs], case["count"], case["bytes"],

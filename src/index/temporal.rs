@@ -247,44 +247,60 @@ mod tests {
 
     #[test]
     fn datetime_matching_values_name_spans_and_ranges() {
-        assert_eq!(
-            datetime_matcher("2020", None),
-            Some(r("20200101000000.000000", "20201231235959.999999"))
-        );
-        assert_eq!(
-            datetime_matcher("202002", None),
-            Some(r("20200201000000.000000", "20200229235959.999999"))
-        );
+        let cases = [
+            // A partial value spans what it names.
+            (
+                "2020",
+                None,
+                "20200101000000.000000",
+                "20201231235959.999999",
+            ),
+            (
+                "202002",
+                None,
+                "20200201000000.000000",
+                "20200229235959.999999",
+            ),
+            (
+                "20200115-20200116",
+                None,
+                "20200115000000.000000",
+                "20200116235959.999999",
+            ),
+            ("-2020", None, "", "20201231235959.999999"),
+            ("20200115120000-", None, "20200115120000.000000", ""),
+            // Offsets inside a range: the split is where both sides are valid.
+            (
+                "20200115120000-0500-20200115190000+0100",
+                None,
+                "20200115170000.000000",
+                "20200115180000.999999",
+            ),
+            // A lone value with a negative offset is one value, not a range.
+            (
+                "20200115120000-0500",
+                None,
+                "20200115170000.000000",
+                "20200115170000.999999",
+            ),
+            // The query's Timezone Offset From UTC applies to values without their own.
+            (
+                "20200115120000-20200115130000",
+                Some(120),
+                "20200115100000.000000",
+                "20200115110000.999999",
+            ),
+        ];
+        for (value, offset, from, to) in cases {
+            assert_eq!(
+                datetime_matcher(value, offset),
+                Some(r(from, to)),
+                "{value}"
+            );
+        }
         assert_eq!(
             datetime_matcher("20200115101500.000000", None),
             Some(Matcher::Single("20200115101500.000000".into()))
-        );
-        assert_eq!(
-            datetime_matcher("20200115-20200116", None),
-            Some(r("20200115000000.000000", "20200116235959.999999"))
-        );
-        assert_eq!(
-            datetime_matcher("-2020", None),
-            Some(r("", "20201231235959.999999"))
-        );
-        assert_eq!(
-            datetime_matcher("20200115120000-", None),
-            Some(r("20200115120000.000000", ""))
-        );
-        // Offsets inside a range: the split is where both sides are valid.
-        assert_eq!(
-            datetime_matcher("20200115120000-0500-20200115190000+0100", None),
-            Some(r("20200115170000.000000", "20200115180000.999999"))
-        );
-        // A lone value with a negative offset is one value, not a range.
-        assert_eq!(
-            datetime_matcher("20200115120000-0500", None),
-            Some(r("20200115170000.000000", "20200115170000.999999"))
-        );
-        // The query's Timezone Offset From UTC applies to values without their own.
-        assert_eq!(
-            datetime_matcher("20200115120000-20200115130000", Some(120)),
-            Some(r("20200115100000.000000", "20200115110000.999999"))
         );
         for bad in ["-", "2020-x", "2020.5", "20201301"] {
             assert_eq!(datetime_matcher(bad, None), None, "{bad}");

@@ -111,8 +111,13 @@ impl SpoolFiles {
 }
 
 impl SpoolWriter {
-    /// An empty spool file, for a stream that is already Part-10.
+    /// An empty spool file, for a stream that is already Part-10 and already stored (reconcile,
+    /// reindex): it is only parsed, so its data is never written back early.
     pub async fn create_raw(files: &SpoolFiles) -> std::io::Result<SpoolWriter> {
+        SpoolWriter::create(files, false).await
+    }
+
+    async fn create(files: &SpoolFiles, write_back_early: bool) -> std::io::Result<SpoolWriter> {
         let (file, path) = files.take().await?;
         Ok(SpoolWriter {
             file: Some(file),
@@ -120,7 +125,7 @@ impl SpoolWriter {
             buf: Vec::with_capacity(BUFFER),
             path,
             size: 0,
-            write_back_early: files.write_back_early,
+            write_back_early,
         })
     }
 
@@ -134,7 +139,7 @@ impl SpoolWriter {
         header.extend_from_slice(b"DICM");
         meta.write(&mut header)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        let mut writer = SpoolWriter::create_raw(files).await?;
+        let mut writer = SpoolWriter::create(files, files.write_back_early).await?;
         writer.write(&header).await?;
         Ok(writer)
     }

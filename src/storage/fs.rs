@@ -58,16 +58,17 @@ impl FsStore {
 /// flushed (ingest has written its data back already, so the flush commits the journal).
 fn store_blocking(root: &Path, wal: &Wal, key: &str, src: &Path) -> Result<(), StorageError> {
     let dest = key_path(root, key)?;
-    let stored = (|| -> std::io::Result<()> {
-        if std::fs::metadata(src)?.len() <= wal::LOGGED_UP_TO {
-            return wal.put_blocking(key, src, &dest);
-        }
-        create_parents_durably(root, &dest)?;
-        move_file(src, &dest)?;
-        std::fs::File::open(&dest)?.sync_data()?;
-        sync_dir(dest.parent().expect("object path has a parent"))
-    })();
-    stored.map_err(|e| StorageError::io(key, e))
+    store_at(root, wal, key, src, &dest).map_err(|e| StorageError::io(key, e))
+}
+
+fn store_at(root: &Path, wal: &Wal, key: &str, src: &Path, dest: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(src)?.len() <= wal::LOGGED_UP_TO {
+        return wal.put_blocking(key, src, dest);
+    }
+    create_parents_durably(root, dest)?;
+    move_file(src, dest)?;
+    std::fs::File::open(dest)?.sync_data()?;
+    sync_dir(dest.parent().expect("object path has a parent"))
 }
 
 /// Renames `src` to `dest`, or copies it when the spool is on another file system.
