@@ -20,6 +20,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub index: IndexConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -142,6 +143,28 @@ pub struct S3Config {
 pub struct IndexConfig {
     pub url: String,
     pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Threads running the network tasks (DIMSE associations, HTTP requests); 0 = half the CPUs,
+    /// at least one.
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of async worker threads. Parsing, flushing and index writes run on threads of
+    /// their own, so the network tasks need only part of the machine; each further worker that
+    /// can run a task adds cross-thread wake-ups to every C-STORE (on 2 CPUs, two workers stored
+    /// ~4 % fewer objects per second than one).
+    pub fn workers(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cpus / 2).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

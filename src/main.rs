@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     app::init_logging(&config.log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.workers())
         .enable_all()
         .build()?;
     match cli.command {
