@@ -96,8 +96,14 @@ impl SpoolFiles {
 
     /// A ready spool file, or a new one when none is left.
     async fn take(&self) -> std::io::Result<(std::fs::File, TempPath)> {
-        let ready = self.ready.lock().expect("spool pool lock").pop();
-        self.wanted.notify_one();
+        let (ready, left) = {
+            let mut ready = self.ready.lock().expect("spool pool lock");
+            (ready.pop(), ready.len())
+        };
+        // Refilled in batches: one wake-up of the refill task per few objects, not per object.
+        if left <= READY / 2 {
+            self.wanted.notify_one();
+        }
         match ready {
             Some(f) => Ok(f),
             None => {
