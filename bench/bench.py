@@ -495,6 +495,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "server.log"
         self._logf = None
+        self.fs: Path | None = None  # a file system of its own (see `server_file_system`)
 
     # subclasses: command(), env(), wait_ready()
     def command(self) -> list[str]:
@@ -573,9 +574,14 @@ class Server:
             self._logf = None
 
     def cleanup(self, keep: bool) -> None:
-        """Schedules the work dir for deletion at the end of the run (see `remove_work_dirs`)."""
+        """Schedules the work dir for deletion at the end of the run (see `remove_work_dirs`); a
+        file system of the server's own is unmounted now (its image is deleted at exit)."""
         if keep:
+            if self.fs:
+                SERVER_FILE_SYSTEMS.remove(self.fs)
             log(f"kept {self.name} work dir {self.workdir}")
+        elif self.fs:
+            subprocess.run(["umount", str(self.fs / "mnt")], capture_output=True)
         else:
             WORK_DIRS_TO_REMOVE.append(self.workdir)
 
@@ -587,19 +593,33 @@ class Server:
 WORK_DIRS_TO_REMOVE: list = []
 
 
-def fresh_file_system(size_gb: int = 16) -> str | None:
+def make_file_system(base: Path, size_gb: int) -> Path:
     """Makes and mounts an ext4 file system (with its journal, as deployed servers have) on a sparse
-    loop image for the servers' data, removed at exit. Every run then starts on a file system no earlier
-    run has deleted files from (see WORK_DIRS_TO_REMOVE). Returns None (servers use $TMPDIR) if the
-    loop mount fails."""
-    base = Path(tempfile.mkdtemp(prefix="dgw-bench-fs-"))
+    loop image in `base`; its inode tables and journal are initialised by mkfs, not by a kernel thread
+    writing in the background while a server is measured. Returns the mount point."""
     image, mnt = base / "fs.img", base / "mnt"
     mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_gb << 30)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+                   check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    return mnt
+
+
+def unmount_file_system(base: Path) -> None:
+    subprocess.run(["umount", str(base / "mnt")], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def fresh_file_system(size_gb: int = 16) -> str | None:
+    """A fresh file system for the run (the fsync probe, and the servers' data when
+    `--one-fs` is given), removed at exit. Every run then starts on a file system no earlier run has
+    deleted files from (see WORK_DIRS_TO_REMOVE). Returns None (servers use $TMPDIR) if the loop
+    mount fails."""
+    base = Path(tempfile.mkdtemp(prefix="dgw-bench-fs-"))
     try:
-        with open(image, "wb") as f:
-            f.truncate(size_gb << 30)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+        mnt = make_file_system(base, size_gb)
     except (OSError, subprocess.CalledProcessError) as e:
         log(f"no fresh file system for the servers ({e}); using $TMPDIR")
         shutil.rmtree(base, ignore_errors=True)
@@ -607,12 +627,40 @@ def fresh_file_system(size_gb: int = 16) -> str | None:
 
     def unmount() -> None:
         remove_work_dirs()
-        subprocess.run(["umount", str(mnt)], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        unmount_file_system(base)
 
     atexit.register(unmount)
-    log(f"servers' data on a fresh ext4 file system at {mnt} ({size_gb} GB sparse loop image)")
+    log(f"fresh ext4 file system at {mnt} ({size_gb} GB sparse loop image)")
     return str(mnt)
+
+
+# File systems made for one server each (see `server_file_system`), unmounted when the server is done,
+# their images deleted at exit.
+SERVER_FILE_SYSTEMS: list = []
+
+
+def server_file_system(size_gb: int = 8) -> Path | None:
+    """A fresh file system for one server instance. On one file system shared by the whole run,
+    every server slowed down after the first round (storescp, which never flushes, from ~1,750 to
+    ~550 CT/s; the gateway alone, five rounds on one file system, did not), so a server paid for
+    what the servers before it had left; on its own file system it starts as a server on its own
+    disk would."""
+    base = Path(tempfile.mkdtemp(prefix="dgw-bench-srvfs-"))
+    try:
+        mnt = make_file_system(base, size_gb)
+    except (OSError, subprocess.CalledProcessError) as e:
+        log(f"no fresh file system for this server ({e}); using $TMPDIR")
+        shutil.rmtree(base, ignore_errors=True)
+        return None
+    SERVER_FILE_SYSTEMS.append(base)
+    return base
+
+
+@atexit.register
+def remove_server_file_systems() -> None:
+    for base in SERVER_FILE_SYSTEMS:
+        unmount_file_system(base)
+    SERVER_FILE_SYSTEMS.clear()
 
 
 @atexit.register
@@ -1275,11 +1323,16 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
 
 def make_server(kind: str, args, fork: bool = False) -> Server:
     """A fresh server of `kind` (storescp with `--fork` for concurrent associations)."""
+    fs = server_file_system() if args.fs_per_server else None
+    work_root = str(fs / "mnt") if fs else args.work_root
     if kind == "orthanc":
-        return OrthancServer(args.work_root)
-    if kind == "storescp":
-        return StorescpServer(args.work_root, fork=fork)
-    return GatewayServer(args.work_root, args.gateway_bin)
+        srv: Server = OrthancServer(work_root)
+    elif kind == "storescp":
+        srv = StorescpServer(work_root, fork=fork)
+    else:
+        srv = GatewayServer(work_root, args.gateway_bin)
+    srv.fs = fs
+    return srv
 
 
 def ingest_round(kind: str, args, m: dict, cache: Path) -> dict:
@@ -1496,8 +1549,8 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
              f"{m['small20k']['count']:,} small in {len(m['small20k']['studies'])} studies "
              f"({m['small20k']['bytes'] / 1e6:.0f} MB); Explicit VR LE",
              f"- phases: {', '.join(args.only)}; servers: {', '.join(args.servers)}",
-             f"- servers' data under {meta['work_root']}: write+fsync of an 8 KB file takes "
-             f"{meta['fsync_ms']:.2f} ms (p50)",
+             f"- servers' data on {meta['work_root']}: write+fsync of an 8 KB file takes "
+             f"{meta['fsync_ms']:.2f} ms (p50) on such a file system",
              f"- load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in meta['load_start'])}, at end "
              f"{'/'.join(f'{x:.2f}' for x in meta['load_end'])}"
              + (" — **machine was busy: numbers are noisy**" if max(meta['load_start'][0], meta['load_end'][1]) > 1.0
@@ -1611,6 +1664,9 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=None, help="data cache (default bench/.cache/{full,quick})")
     ap.add_argument("--work-root", default=None, help="parent dir for the servers' temp data dirs "
                     "(default: a fresh file system, see --no-fresh-fs)")
+    ap.add_argument("--one-fs", action="store_true",
+                    help="all servers on the run's one fresh file system instead of a fresh one for "
+                         "each server instance")
     ap.add_argument("--no-fresh-fs", action="store_true",
                     help="keep the servers' data under $TMPDIR instead of a fresh ext4 file system "
                     "made for the run (a loop-mounted sparse image; needs root)")
@@ -1636,10 +1692,12 @@ def main() -> int:
     for s in args.servers:
         if s not in ("storescp", "orthanc", "gateway"):
             ap.error(f"unknown server {s}")
+    args.fs_per_server = False
     if args.work_root:
         Path(args.work_root).mkdir(parents=True, exist_ok=True)
     elif not args.no_fresh_fs and os.geteuid() == 0:
         args.work_root = fresh_file_system()
+        args.fs_per_server = args.work_root is not None and not args.one_fs
     prof = PROFILES["quick" if args.quick else "full"]
     cache = Path(args.cache_dir) if args.cache_dir else BENCH_DIR / ".cache" / ("quick" if args.quick else "full")
     if args.out:
@@ -1689,7 +1747,8 @@ def main() -> int:
                          f"{args.gateway_bin} (built {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(args.gateway_bin)))})"),
                 load_start=os.getloadavg(),
                 fsync_ms=fsync_probe(args.work_root),
-                work_root=args.work_root or tempfile.gettempdir())
+                work_root=("a fresh 8 GB ext4 file system per server instance (loop-mounted sparse "
+                           "image)" if args.fs_per_server else args.work_root or tempfile.gettempdir()))
     if meta["load_start"][0] > 1.0:
         log(f"WARNING: load average {meta['load_start'][0]:.2f} on {os.cpu_count()} cores: other work "
             "is running, the numbers will be noisy")
