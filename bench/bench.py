@@ -593,16 +593,20 @@ class Server:
 WORK_DIRS_TO_REMOVE: list = []
 
 
-def make_file_system(base: Path, size_gb: int) -> Path:
-    """Makes and mounts an ext4 file system (with its journal, as deployed servers have) on a sparse
-    loop image in `base`; its inode tables and journal are initialised by mkfs, not by a kernel thread
-    writing in the background while a server is measured. Returns the mount point."""
-    image, mnt = base / "fs.img", base / "mnt"
+def make_file_system(base: Path, size_gb: int, image: Path | None = None) -> Path:
+    """Makes and mounts an ext4 file system (with its journal, as deployed servers have) on a loop
+    image, a new sparse one in `base` unless `image` is given; its inode tables and journal are
+    initialised by mkfs, not by a kernel thread writing in the background while a server is measured.
+    Returns the mount point, `base`/mnt."""
+    mnt = base / "mnt"
     mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(size_gb << 30)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
-                   check=True, capture_output=True)
+    if image is None:
+        image = base / "fs.img"
+        with open(image, "wb") as f:
+            f.truncate(size_gb << 30)
+    # nodiscard: mkfs keeps the image's blocks (on a file it would punch them out of it).
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+                    str(image)], check=True, capture_output=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
     return mnt
 
@@ -635,19 +639,34 @@ def fresh_file_system(size_gb: int = 16) -> str | None:
 
 
 # File systems made for one server each (see `server_file_system`), unmounted when the server is done,
-# their images deleted at exit.
+# removed at exit; and the one image they are made on in turn.
 SERVER_FILE_SYSTEMS: list = []
+SERVER_IMAGE: list = []
 
 
-def server_file_system(size_gb: int = 8) -> Path | None:
-    """A fresh file system for one server instance. On one file system shared by the whole run,
-    every server slowed down after the first round (storescp, which never flushes, from ~1,750 to
-    ~550 CT/s; the gateway alone, five rounds on one file system, did not), so a server paid for
-    what the servers before it had left; on its own file system it starts as a server on its own
-    disk would."""
+def server_image(size_gb: int) -> Path:
+    """The image every server's file system is made on in turn, written through once (zeros) so that
+    no server writes to blocks that neither the root file system nor the VM's disk has allocated
+    yet: on sparse images, a server's rate depended on how much the run had written before it."""
+    if not SERVER_IMAGE:
+        path = Path(tempfile.mkdtemp(prefix="dgw-bench-img-")) / "server.img"
+        zeros = b"\0" * (16 << 20)
+        with open(path, "wb") as f:
+            for _ in range((size_gb << 30) // len(zeros)):
+                f.write(zeros)
+            f.flush()
+            os.fsync(f.fileno())
+        SERVER_IMAGE.append(path)
+    return SERVER_IMAGE[0]
+
+
+def server_file_system(size_gb: int = 8, reuse: bool = True) -> Path | None:
+    """A fresh file system for one server instance: on one file system for the whole run, a server
+    paid for what the servers before it had left (see bench/README.md). Made on the run's one
+    written-through image (`server_image`), or, with `reuse` False (--keep), a sparse image of its own."""
     base = Path(tempfile.mkdtemp(prefix="dgw-bench-srvfs-"))
     try:
-        mnt = make_file_system(base, size_gb)
+        make_file_system(base, size_gb, server_image(size_gb) if reuse else None)
     except (OSError, subprocess.CalledProcessError) as e:
         log(f"no fresh file system for this server ({e}); using $TMPDIR")
         shutil.rmtree(base, ignore_errors=True)
@@ -661,6 +680,9 @@ def remove_server_file_systems() -> None:
     for base in SERVER_FILE_SYSTEMS:
         unmount_file_system(base)
     SERVER_FILE_SYSTEMS.clear()
+    for image in SERVER_IMAGE:
+        shutil.rmtree(image.parent, ignore_errors=True)
+    SERVER_IMAGE.clear()
 
 
 @atexit.register
@@ -1323,7 +1345,7 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
 
 def make_server(kind: str, args, fork: bool = False) -> Server:
     """A fresh server of `kind` (storescp with `--fork` for concurrent associations)."""
-    fs = server_file_system() if args.fs_per_server else None
+    fs = server_file_system(reuse=not args.keep) if args.fs_per_server else None
     work_root = str(fs / "mnt") if fs else args.work_root
     if kind == "orthanc":
         srv: Server = OrthancServer(work_root)
@@ -1747,8 +1769,8 @@ def main() -> int:
                          f"{args.gateway_bin} (built {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(args.gateway_bin)))})"),
                 load_start=os.getloadavg(),
                 fsync_ms=fsync_probe(args.work_root),
-                work_root=("a fresh 8 GB ext4 file system per server instance (loop-mounted sparse "
-                           "image)" if args.fs_per_server else args.work_root or tempfile.gettempdir()))
+                work_root=("a fresh 8 GB ext4 file system per server instance (made in turn on one "
+                           "loop-mounted, written-through image)" if args.fs_per_server else args.work_root or tempfile.gettempdir()))
     if meta["load_start"][0] > 1.0:
         log(f"WARNING: load average {meta['load_start'][0]:.2f} on {os.cpu_count()} cores: other work "
             "is running, the numbers will be noisy")
