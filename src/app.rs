@@ -26,9 +26,9 @@ use crate::ingest::{spool, Ingestor};
 use crate::storage::{self, ObjectStore};
 
 pub fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal;
     // Colour codes only on a terminal: a log file or the journal gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
