@@ -630,10 +630,9 @@ def unmount_file_system(base: Path) -> None:
 
 
 def fresh_file_system(size_gb: int = 16) -> str | None:
-    """A fresh file system for the run (the fsync probe, and the servers' data when
-    `--one-fs` is given), removed at exit. Every run then starts on a file system no earlier run has
-    deleted files from (see WORK_DIRS_TO_REMOVE). Returns None (servers use $TMPDIR) if the loop
-    mount fails."""
+    """One fresh file system for every server of the run (`--one-fs`), removed at exit. Every run
+    then starts on a file system no earlier run has deleted files from (see WORK_DIRS_TO_REMOVE).
+    Returns None (servers use $TMPDIR) if the loop mount fails."""
     base = Path(tempfile.mkdtemp(prefix="dgw-bench-fs-"))
     try:
         mnt = make_file_system(base, size_gb)
@@ -1731,8 +1730,10 @@ def main() -> int:
     if args.work_root:
         Path(args.work_root).mkdir(parents=True, exist_ok=True)
     elif not args.no_fresh_fs and os.geteuid() == 0:
-        args.work_root = fresh_file_system()
-        args.fs_per_server = args.work_root is not None and not args.one_fs
+        if args.one_fs:
+            args.work_root = fresh_file_system()
+        else:
+            args.fs_per_server = True
     prof = PROFILES["quick" if args.quick else "full"]
     cache = Path(args.cache_dir) if args.cache_dir else BENCH_DIR / ".cache" / ("quick" if args.quick else "full")
     if args.out:
