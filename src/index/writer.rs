@@ -31,8 +31,10 @@ const MAX_BATCH: usize = 128;
 /// second of commits in between (tens of MB at full ingest speed), which readers do not notice.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
 /// WAL pages after which a commit checkpoints by itself (SQLite's automatic checkpoint), only if the
-/// checkpoint thread fell behind; SQLite's default is 1,000.
-const AUTOCHECKPOINT_BACKSTOP: u32 = 16_384;
+/// checkpoint thread fell behind; SQLite's default is 1,000. An insert writes ~13 pages to the WAL,
+/// so single-association ingest at ~1,100 MR/s fills ~14,000 pages between two checkpoints: this
+/// must be several times that (256 MB of WAL), or the writer's commits checkpoint again themselves.
+const AUTOCHECKPOINT_BACKSTOP: u32 = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
