@@ -7,7 +7,7 @@ use dicom_object::meta::FileMetaTableBuilder;
 
 use super::command::{elem, field, Command, CommandBuilder, NO_DATA_SET};
 use super::Context;
-use crate::ingest::{Expected, IngestError, Outcome, SpoolWriter};
+use crate::ingest::{EarlyHeader, Expected, IngestError, Outcome, SpoolWriter};
 
 /// C-STORE status codes (PS3.4 B.2.3, PS3.7 C).
 pub mod status {
@@ -48,6 +48,8 @@ pub struct PendingStore {
     message_id: u16,
     expected: Expected,
     spool: Option<SpoolWriter>,
+    /// The header being read while the rest of a large data set arrives.
+    early: Option<EarlyHeader>,
     /// Set when the data set is being discarded; the reply is known already.
     early_reply: Option<Reply>,
 }
@@ -74,6 +76,7 @@ impl PendingStore {
             message_id,
             expected,
             spool: None,
+            early: None,
             early_reply: None,
         };
         let supported = is_standard_storage_class(&sop_class)
@@ -149,6 +152,10 @@ impl PendingStore {
                 status::OUT_OF_RESOURCES,
                 "cannot spool the object",
             ));
+            return;
+        }
+        if let Some(prefix) = spool.take_prefix() {
+            self.early = Some(ctx.ingestor.read_header_early(prefix));
         }
     }
 
@@ -156,7 +163,7 @@ impl PendingStore {
     pub async fn finish(self, ctx: &Context, calling_ae: &str) -> Vec<u8> {
         let reply = match (self.early_reply, self.spool) {
             (Some(reply), _) => reply,
-            (None, Some(spool)) => ingest(ctx, spool, &self.expected).await,
+            (None, Some(spool)) => ingest(ctx, spool, &self.expected, self.early).await,
             (None, None) => unreachable!("a pending store has a spool or a reply"),
         };
         if reply.status == status::SUCCESS {
@@ -185,7 +192,12 @@ impl PendingStore {
     }
 }
 
-async fn ingest(ctx: &Context, spool: SpoolWriter, expected: &Expected) -> Reply {
+async fn ingest(
+    ctx: &Context,
+    spool: SpoolWriter,
+    expected: &Expected,
+    early: Option<EarlyHeader>,
+) -> Reply {
     let spooled = match spool.finish().await {
         Ok(spooled) => spooled,
         Err(e) => {
@@ -193,7 +205,7 @@ async fn ingest(ctx: &Context, spool: SpoolWriter, expected: &Expected) -> Reply
             return Reply::failure(status::OUT_OF_RESOURCES, "cannot spool the object");
         }
     };
-    match ctx.ingestor.ingest(spooled, Some(expected)).await {
+    match ctx.ingestor.ingest(spooled, Some(expected), early).await {
         Ok(Outcome::Stored | Outcome::DuplicateKept | Outcome::Replaced) => Reply {
             status: status::SUCCESS,
             comment: None,

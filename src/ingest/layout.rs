@@ -356,6 +356,44 @@ pub fn scan_pixel_data<R: Read + Seek>(
     }
 }
 
+/// Where the top-level pixel data element starts in `reader`, the first bytes of an object whose
+/// rest is still arriving: `Some` only once every element before it, and its own header, lie
+/// within those bytes with consistent lengths. `None` when they end first, hold no pixel data, or
+/// cannot be walked (deflated or unknown transfer syntax, malformed elements: the parse of the whole
+/// object reports those).
+pub fn pixel_data_start<R: Read + Seek>(
+    reader: &mut R,
+    dataset_start: u64,
+    ts_uid: &str,
+) -> Option<u64> {
+    let ts = TransferSyntaxRegistry.get(ts_uid)?;
+    if matches!(ts.codec(), Codec::Dataset(_)) {
+        return None;
+    }
+    let enc = Enc::of(ts)?;
+    let mut cur = Cursor::new(reader).ok()?;
+    if dataset_start > cur.file_len {
+        return None;
+    }
+    cur.seek_to(dataset_start);
+    while cur.remaining() > 0 {
+        let header_offset = cur.pos;
+        let h = read_header(&mut cur, enc).ok()?;
+        if h.tag.0 == 0xFFFE {
+            return None;
+        }
+        if matches!(h.tag, PIXEL_DATA | FLOAT_PIXEL_DATA | DOUBLE_PIXEL_DATA) {
+            return Some(header_offset);
+        }
+        if h.len == UNDEFINED {
+            skip_items(&mut cur, nested_encoding(enc, h.vr), 1).ok()?;
+        } else {
+            cur.skip(u64::from(h.len)).ok()?;
+        }
+    }
+    None
+}
+
 /// Walks the top-level elements after the pixel data (e.g. Data Set Trailing Padding) to the end of
 /// the file, so that an object cut anywhere after its pixel data is still recognised as truncated.
 fn check_trailing_elements<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<()> {
@@ -2041,5 +2079,37 @@ mod tests {
         // serde round trip
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), a);
+    }
+
+    #[test]
+    fn pixel_data_start_needs_the_whole_header_in_the_prefix() {
+        for name in [
+            "CT_small.dcm",
+            "MR_small_bigendian.dcm",
+            "SC_rgb_rle_2frame.dcm",
+        ] {
+            let bytes = std::fs::read(sample(name)).unwrap();
+            let (start, ts) = read_meta_extent(&mut IoCursor::new(&bytes)).unwrap();
+            let g = geometry_of(&open_file(sample(name)).unwrap());
+            let scan = scan_pixel_data(&mut IoCursor::new(&bytes), start, &ts, &g).unwrap();
+            let pixel = scan.pixel_data.unwrap().element.offset;
+            let at = |n: usize| pixel_data_start(&mut IoCursor::new(&bytes[..n]), start, &ts);
+            assert_eq!(at(bytes.len()), Some(pixel), "{name}");
+            // Its header (at least 8 bytes) must be there; anything short of it is not enough.
+            assert_eq!(at(pixel as usize + 12), Some(pixel), "{name}");
+            assert_eq!(at(pixel as usize + 4), None, "{name}");
+            assert_eq!(at(pixel as usize - 1), None, "{name}");
+        }
+        // No pixel data at all, and a deflated data set: nothing to announce early.
+        let bytes = std::fs::read(sample("rtplan.dcm")).unwrap();
+        let (start, ts) = read_meta_extent(&mut IoCursor::new(&bytes)).unwrap();
+        assert_eq!(
+            pixel_data_start(&mut IoCursor::new(&bytes), start, &ts),
+            None
+        );
+        assert_eq!(
+            pixel_data_start(&mut IoCursor::new(&bytes), start, "1.2.840.10008.1.2.1.99"),
+            None
+        );
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! 1. [`spool`]: the object is written to a spool file (Part-10) as it arrives, never held whole in memory.
 //! 2. [`extract`]: the header (everything before Pixel Data) is parsed, UIDs validated, the frame
-//!    layout computed ([`layout`]) and the index record built.
+//!    layout computed ([`layout`]) and the index record built. A large object's header is read from
+//!    its first bytes while the rest arrives ([`Ingestor::read_header_early`]); its layout, checked
+//!    against the whole object, once all of it is there.
 //! 3. The object is put into storage (durable), then the record is committed to the index, and only
 //!    then is success returned.
 //!
@@ -17,11 +19,12 @@ pub mod layout;
 pub mod spool;
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use dicom_dictionary_std::tags;
-use dicom_object::OpenFileOptions;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{InMemDicomObject, OpenFileOptions};
 
 use crate::config::DuplicatePolicy;
 use crate::index::{Index, InsertOutcome, WriteError};
@@ -83,6 +86,15 @@ enum Step {
     ToStore(Box<Parsed>),
 }
 
+/// The header of an object being received, read from its first bytes ([`Ingestor::read_header_early`]).
+pub struct EarlyHeader(tokio::task::JoinHandle<Option<ReadEarly>>);
+
+struct ReadEarly {
+    header: Header,
+    /// Whether its SOP Instance UID was indexed already (looked up when the first copy is kept).
+    indexed: Option<bool>,
+}
+
 /// The result of parsing a spooled object, before anything is stored.
 struct Parsed {
     uids: ObjectUids,
@@ -111,49 +123,84 @@ impl Ingestor {
         &self.spool
     }
 
+    /// Starts reading the header of an object from its first bytes while the rest still arrives
+    /// (blocking task), and looks up its SOP Instance UID when the policy keeps the first copy:
+    /// work that [`Ingestor::ingest`] then no longer does after the last byte.
+    pub fn read_header_early(&self, prefix: std::sync::Arc<Vec<u8>>) -> EarlyHeader {
+        let (index, keep_first) = (
+            self.index.clone(),
+            self.on_duplicate == DuplicatePolicy::KeepFirst,
+        );
+        EarlyHeader(tokio::task::spawn_blocking(move || {
+            let header = header_from_prefix(&prefix)?;
+            let indexed = keep_first
+                .then(|| index.instance_exists_blocking(&header.uids.sop_instance_uid))
+                .transpose()
+                .ok()?;
+            Some(ReadEarly { header, indexed })
+        }))
+    }
+
     /// Parses, stores and indexes a spooled object; success means durable and indexed.
     /// On any failure nothing is left behind: the spool file is removed with `spooled`.
+    /// `early`: its header, read while it arrived, if that was started.
     pub async fn ingest(
         &self,
         spooled: Spooled,
         expected: Option<&Expected>,
+        early: Option<EarlyHeader>,
     ) -> Result<Outcome, IngestError> {
+        let early = match early {
+            Some(EarlyHeader(task)) => task.await.ok().flatten(),
+            None => None,
+        };
         let size = spooled.size();
         let key_suffix = unique_suffix();
         let put_path = self.store.put_path(size);
         let replace = self.on_duplicate == DuplicatePolicy::Replace;
         let keep_first = !replace;
         let (store, index, expected) = (self.store.clone(), self.index.clone(), expected.cloned());
-        // One blocking task: the spool file's last bytes are written, the header parsed and checked,
-        // the SOP Instance UID looked up (keep_first), and, for a store that works from blocking
-        // code (the filesystem), the insert queued to the index writer and the object stored (its
-        // data written back first when the store flushes the file itself); the insert commits once
-        // the object is durable. A remote store's put follows on the async side. Each hand-off
-        // between threads costs a wake-up on the critical path of a C-STORE.
+        // One blocking task: the spool file's last bytes are written, the header parsed (unless
+        // read early) and checked, the SOP Instance UID looked up (keep_first), and, for a store
+        // that works from blocking code (the filesystem), the insert queued to the index writer and
+        // the object stored (its data written back first when the store flushes the file itself);
+        // the insert commits once the object is durable. A remote store's put follows on the async
+        // side. Each hand-off between threads costs a wake-up on the critical path of a C-STORE.
         let job = tokio::task::spawn_blocking(move || {
             let mut spooled = spooled;
-            let mut step = || -> Result<Step, IngestError> {
+            let step = || -> Result<Step, IngestError> {
                 spooled.write_tail().map_err(spool_error)?;
                 let write_back = put_path == PutPath::BlockingAfterWriteBack;
                 if write_back {
                     spooled.start_write_back().map_err(spool_error)?;
                 }
-                let parsed = parse(spooled.path(), size, |uids| {
+                let key_for = |uids: &ObjectUids| {
                     instance_key(
                         &uids.study_uid,
                         &uids.series_uid,
                         &uids.sop_instance_uid,
                         &key_suffix,
                     )
-                })?;
+                };
+                let mut reader = spooled.reader().map_err(|e| unparseable(&e))?;
+                let (parsed, indexed) = match early {
+                    Some(ReadEarly { header, indexed }) => {
+                        (complete(header, &mut reader, size, key_for)?, indexed)
+                    }
+                    None => (parse(&mut reader, size, key_for)?, None),
+                };
+                drop(reader);
                 if let Some(exp) = &expected {
                     check_expected(&parsed.uids, exp)?;
                 }
-                if keep_first
-                    && index
+                let indexed = match indexed {
+                    Some(indexed) => indexed,
+                    None if keep_first => index
                         .instance_exists_blocking(&parsed.uids.sop_instance_uid)
-                        .map_err(|e| IngestError::Index(e.into()))?
-                {
+                        .map_err(|e| IngestError::Index(e.into()))?,
+                    None => false,
+                };
+                if indexed {
                     return Ok(Step::Duplicate);
                 }
                 if put_path == PutPath::Async {
@@ -222,7 +269,8 @@ impl Ingestor {
         let owned_key = key.to_string();
         let parsed = tokio::task::spawn_blocking(move || {
             spooled.write_tail().map_err(spool_error)?;
-            parse(spooled.path(), spooled.size(), |_| owned_key)
+            let mut reader = spooled.reader().map_err(|e| unparseable(&e))?;
+            parse(&mut reader, spooled.size(), |_| owned_key)
         })
         .await
         .expect("parse task panicked")?;
@@ -266,14 +314,31 @@ fn spool_error(source: std::io::Error) -> IngestError {
     })
 }
 
-fn parse(
-    path: &Path,
+/// An object's header: every element before its pixel data, parsed, with its UIDs validated.
+struct Header {
+    dataset_start: u64,
+    ts_uid: String,
+    obj: InMemDicomObject,
+    uids: ObjectUids,
+}
+
+/// Parses a whole object (blocking): its header, then its pixel data's layout.
+fn parse<R: Read + Seek>(
+    reader: &mut R,
     size: u64,
     key_for: impl FnOnce(&ObjectUids) -> String,
 ) -> Result<Parsed, IngestError> {
-    let unparseable = |e: &dyn std::fmt::Display| IngestError::Unparseable(e.to_string());
-    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| unparseable(&e))?);
-    let (dataset_start, ts_uid) = read_meta_extent(&mut file).map_err(|e| unparseable(&e))?;
+    let header = read_header(reader)?;
+    complete(header, reader, size, key_for)
+}
+
+fn unparseable(e: &dyn std::fmt::Display) -> IngestError {
+    IngestError::Unparseable(e.to_string())
+}
+
+/// The transfer syntax named by the file meta group, and where the data set starts.
+fn read_meta<R: Read + Seek>(reader: &mut R) -> Result<(u64, String), IngestError> {
+    let (dataset_start, ts_uid) = read_meta_extent(reader).map_err(|e| unparseable(&e))?;
     let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_string();
     if dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(&ts_uid)
@@ -283,8 +348,14 @@ fn parse(
             "unknown transfer syntax {ts_uid}"
         )));
     }
+    Ok((dataset_start, ts_uid))
+}
+
+/// Reads and checks the header of a whole object.
+fn read_header<R: Read + Seek>(reader: &mut R) -> Result<Header, IngestError> {
+    let (dataset_start, ts_uid) = read_meta(reader)?;
     if ts_uid == DEFLATED_EXPLICIT_VR_LE {
-        check_deflate_stream(&mut file, dataset_start).map_err(|e| unparseable(&e))?;
+        check_deflate_stream(reader, dataset_start).map_err(|e| unparseable(&e))?;
     }
     // Walk the encoded elements first: it checks every declared length against the object's size,
     // so the parser below never allocates for lengths a hostile or truncated object only claims.
@@ -295,17 +366,62 @@ fn parse(
         bits_allocated: 0,
         number_of_frames: 1,
     };
-    locate_frames(&mut file, dataset_start, &ts_uid, &prescan)
+    locate_frames(reader, dataset_start, &ts_uid, &prescan)
         .map_err(|e| IngestError::Unparseable(e.to_string()))?;
+    decode_header(reader, dataset_start, ts_uid)
+}
+
+/// Reads the header from the first bytes of an object still arriving, when they hold all of it
+/// (up to the pixel data element's header, every length checked against those bytes). `None` when
+/// they do not, or when anything is wrong: the parse of the whole object then decides.
+fn header_from_prefix(prefix: &[u8]) -> Option<Header> {
+    let mut reader = std::io::Cursor::new(prefix);
+    let (dataset_start, ts_uid) = read_meta(&mut reader).ok()?;
+    layout::pixel_data_start(&mut reader, dataset_start, &ts_uid)?;
+    decode_header(&mut reader, dataset_start, ts_uid).ok()
+}
+
+/// Decodes the elements before the pixel data (their lengths already checked) and the UIDs.
+fn decode_header<R: Read + Seek>(
+    reader: &mut R,
+    dataset_start: u64,
+    ts_uid: String,
+) -> Result<Header, IngestError> {
+    reader.rewind().map_err(|e| unparseable(&e))?;
     let mut obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| unparseable(&e))?;
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(&mut *reader)
+        .map_err(|e| unparseable(&e))?
+        .into_inner();
     extract::resolve_unknown_vrs(&mut obj);
-    crate::model::charset::fix_text_encoding(&mut obj, &mut file, dataset_start, &ts_uid)
+    crate::model::charset::fix_text_encoding(&mut obj, reader, dataset_start, &ts_uid)
         .map_err(|e| unparseable(&e))?;
     let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
-    let layout = locate_frames(&mut file, dataset_start, &ts_uid, &geometry(&obj))
+    Ok(Header {
+        dataset_start,
+        ts_uid,
+        obj,
+        uids,
+    })
+}
+
+/// Completes the parse of a whole object whose header is read: locates its frames (checking every
+/// length against its size again, those of the elements after the pixel data included) and builds
+/// its index record.
+fn complete<R: Read + Seek>(
+    header: Header,
+    reader: &mut R,
+    size: u64,
+    key_for: impl FnOnce(&ObjectUids) -> String,
+) -> Result<Parsed, IngestError> {
+    let Header {
+        dataset_start,
+        ts_uid,
+        obj,
+        uids,
+    } = header;
+    let layout = locate_frames(reader, dataset_start, &ts_uid, &geometry(&obj))
         .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;
     check_extents(&layout, size)?;
     let key = key_for(&uids);
@@ -379,3 +495,52 @@ fn unique_suffix() -> String {
 }
 
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading the header early from the first bytes, then completing the parse over the whole
+    /// object, gives the record (or the refusal) that parsing the whole object at once gives.
+    #[test]
+    fn early_header_parse_agrees_with_the_whole_object_parse() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let mut early_reads = 0;
+        for dir in ["pydicom", "pydicom-charsets", "derived"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_none_or(|e| e != "dcm") {
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap();
+                let size = bytes.len() as u64;
+                let key = |_: &ObjectUids| "key".to_string();
+                let whole = parse(&mut std::io::Cursor::new(&bytes), size, key);
+                for n in [spool::BUFFER, 2048] {
+                    let Some(header) = header_from_prefix(&bytes[..n.min(bytes.len())]) else {
+                        continue;
+                    };
+                    early_reads += 1;
+                    let early = complete(header, &mut std::io::Cursor::new(&bytes), size, key);
+                    let name = path.display();
+                    match (&whole, &early) {
+                        (Ok(a), Ok(b)) => {
+                            assert_eq!(
+                                format!("{:?}", a.record),
+                                format!("{:?}", b.record),
+                                "{name}"
+                            )
+                        }
+                        (Err(_), Err(_)) => {}
+                        _ => panic!(
+                            "{name}: whole {:?} vs early {:?}",
+                            whole.is_ok(),
+                            early.is_ok()
+                        ),
+                    }
+                }
+            }
+        }
+        assert!(early_reads > 40, "only {early_reads} headers read early");
+    }
+}

@@ -22,6 +22,9 @@ pub struct SpoolWriter {
     path: TempPath,
     size: u64,
     write_back_early: bool,
+    /// Whether the first full buffer is kept for [`SpoolWriter::take_prefix`].
+    keep_prefix: bool,
+    prefix: Option<Arc<Vec<u8>>>,
 }
 
 /// Bytes buffered before they are written: a small object is written once, with its last bytes, by
@@ -120,10 +123,14 @@ impl SpoolWriter {
     /// An empty spool file, for a stream that is already Part-10 and already stored (reconcile,
     /// reindex): it is only parsed, so its data is never written back early.
     pub async fn create_raw(files: &SpoolFiles) -> std::io::Result<SpoolWriter> {
-        SpoolWriter::create(files, false).await
+        SpoolWriter::create(files, false, false).await
     }
 
-    async fn create(files: &SpoolFiles, write_back_early: bool) -> std::io::Result<SpoolWriter> {
+    async fn create(
+        files: &SpoolFiles,
+        write_back_early: bool,
+        keep_prefix: bool,
+    ) -> std::io::Result<SpoolWriter> {
         let (file, path) = files.take().await?;
         Ok(SpoolWriter {
             file: Some(file),
@@ -132,10 +139,13 @@ impl SpoolWriter {
             path,
             size: 0,
             write_back_early,
+            keep_prefix,
+            prefix: None,
         })
     }
 
-    /// A spool file starting with the Part-10 preamble and `meta`, ready for the data set bytes.
+    /// A spool file starting with the Part-10 preamble and `meta`, ready for the data set bytes. Its
+    /// first [`BUFFER`] bytes are offered by [`SpoolWriter::take_prefix`] once more follow.
     pub async fn create_part10(
         files: &SpoolFiles,
         meta: &FileMetaTable,
@@ -145,7 +155,7 @@ impl SpoolWriter {
         header.extend_from_slice(b"DICM");
         meta.write(&mut header)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        let mut writer = SpoolWriter::create(files, files.write_back_early).await?;
+        let mut writer = SpoolWriter::create(files, files.write_back_early, true).await?;
         writer.write(&header).await?;
         Ok(writer)
     }
@@ -157,7 +167,11 @@ impl SpoolWriter {
         // Hand the buffer over before it would have to grow (a reallocation copies it).
         if !self.buf.is_empty() && self.buf.len() + bytes.len() > BUFFER {
             let file = self.reclaim().await?;
-            let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER));
+            let first = self.size == self.buf.len() as u64;
+            let buf = Arc::new(std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER)));
+            if first && self.keep_prefix {
+                self.prefix = Some(buf.clone());
+            }
             let write_back = self.write_back_early;
             self.writing = Some(tokio::task::spawn_blocking(move || {
                 use std::io::Write;
@@ -182,6 +196,12 @@ impl SpoolWriter {
             written?;
         }
         Ok(self.file.take().expect("spool file present between writes"))
+    }
+
+    /// The object's first [`BUFFER`] bytes (once), as soon as it is known to be larger: its header
+    /// can be read while the rest arrives.
+    pub fn take_prefix(&mut self) -> Option<Arc<Vec<u8>>> {
+        self.prefix.take()
     }
 
     /// Bytes written so far (preamble and meta included).
@@ -211,11 +231,21 @@ impl Spooled {
         self.size
     }
 
-    /// Writes the bytes still buffered (blocking); needed before the file is read or stored.
+    /// Writes the bytes still buffered (blocking, once); needed before the file is stored. They stay
+    /// in memory for [`Spooled::reader`].
     pub fn write_tail(&mut self) -> std::io::Result<()> {
         use std::io::Write;
-        let tail = std::mem::take(&mut self.tail);
-        self.file.write_all(&tail)
+        self.file.write_all(&self.tail)
+    }
+
+    /// A reader of the whole object (Part-10): the buffer when all of it is still there (a small
+    /// object, parsed without reading it back), else the file (after [`Spooled::write_tail`]).
+    pub fn reader(&self) -> std::io::Result<SpoolReader<'_>> {
+        if self.tail.len() as u64 == self.size {
+            return Ok(SpoolReader::Memory(std::io::Cursor::new(&self.tail)));
+        }
+        let file = std::fs::File::open(&self.path)?;
+        Ok(SpoolReader::File(std::io::BufReader::new(file)))
     }
 
     /// Writes the file's data to the disk without flushing the disk's cache or committing the
@@ -247,6 +277,30 @@ impl Spooled {
     /// The file now belongs to storage (it was moved there): forget it instead of deleting it on drop.
     pub fn mark_stored(self) {
         let _ = self.path.keep();
+    }
+}
+
+/// See [`Spooled::reader`].
+pub enum SpoolReader<'a> {
+    Memory(std::io::Cursor<&'a [u8]>),
+    File(std::io::BufReader<std::fs::File>),
+}
+
+impl std::io::Read for SpoolReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            SpoolReader::Memory(r) => r.read(buf),
+            SpoolReader::File(r) => r.read(buf),
+        }
+    }
+}
+
+impl std::io::Seek for SpoolReader<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        match self {
+            SpoolReader::Memory(r) => r.seek(pos),
+            SpoolReader::File(r) => r.seek(pos),
+        }
     }
 }
 
