@@ -126,7 +126,7 @@ impl Ingestor {
     /// Starts reading the header of an object from its first bytes while the rest still arrives
     /// (blocking task), and looks up its SOP Instance UID when the policy keeps the first copy:
     /// work that [`Ingestor::ingest`] then no longer does after the last byte.
-    pub fn read_header_early(&self, prefix: std::sync::Arc<Vec<u8>>) -> EarlyHeader {
+    pub fn read_header_early(&self, prefix: Arc<Vec<u8>>) -> EarlyHeader {
         let (index, keep_first) = (
             self.index.clone(),
             self.on_duplicate == DuplicatePolicy::KeepFirst,

@@ -37,6 +37,7 @@ pub struct Spooled {
     size: u64,
     file: std::fs::File,
     tail: Vec<u8>,
+    tail_written: bool,
 }
 
 /// Spool files created ahead of need. Creating a file is a file-system journal operation that
@@ -218,6 +219,7 @@ impl SpoolWriter {
             size: self.size,
             file,
             tail: self.buf,
+            tail_written: false,
         })
     }
 }
@@ -231,11 +233,15 @@ impl Spooled {
         self.size
     }
 
-    /// Writes the bytes still buffered (blocking, once); needed before the file is stored. They stay
-    /// in memory for [`Spooled::reader`].
+    /// Writes the bytes still buffered (blocking); needed before the file is stored. They stay in
+    /// memory for [`Spooled::reader`].
     pub fn write_tail(&mut self) -> std::io::Result<()> {
         use std::io::Write;
-        self.file.write_all(&self.tail)
+        if !self.tail_written {
+            self.file.write_all(&self.tail)?;
+            self.tail_written = true;
+        }
+        Ok(())
     }
 
     /// A reader of the whole object (Part-10): the buffer when all of it is still there (a small
