@@ -259,6 +259,34 @@ pub fn scan_pixel_data<R: Read + Seek>(
     ts_uid: &str,
     geometry: &ImageGeometry,
 ) -> io::Result<PixelDataScan> {
+    scan(reader, dataset_start, ts_uid, geometry, false)
+}
+
+/// Walks a whole object before dicom-rs parses its header: every declared length is checked against
+/// the object's size (so the parser never allocates for a length the object only claims), and what
+/// dicom-rs would misread is refused (see [`skip_undefined`]).
+pub fn check_before_parse<R: Read + Seek>(
+    reader: &mut R,
+    dataset_start: u64,
+    ts_uid: &str,
+) -> io::Result<()> {
+    let any = ImageGeometry {
+        rows: 0,
+        columns: 0,
+        samples_per_pixel: 1,
+        bits_allocated: 0,
+        number_of_frames: 1,
+    };
+    scan(reader, dataset_start, ts_uid, &any, true).map(|_| ())
+}
+
+fn scan<R: Read + Seek>(
+    reader: &mut R,
+    dataset_start: u64,
+    ts_uid: &str,
+    geometry: &ImageGeometry,
+    before_parse: bool,
+) -> io::Result<PixelDataScan> {
     let unavailable = PixelDataScan {
         metadata_end: None,
         pixel_data: None,
@@ -281,6 +309,7 @@ pub fn scan_pixel_data<R: Read + Seek>(
     };
 
     let mut cur = Cursor::new(reader)?;
+    cur.before_parse = before_parse;
     if dataset_start > cur.file_len {
         return Err(eof("dataset start is past the end of the file"));
     }
@@ -327,7 +356,7 @@ pub fn scan_pixel_data<R: Read + Seek>(
             });
         }
         if h.len == UNDEFINED {
-            skip_items(&mut cur, nested_encoding(enc, h.vr), 1)?;
+            skip_undefined(&mut cur, enc, h.vr, 1)?;
             continue;
         }
         let table_len = u64::from(frames) * 8;
@@ -359,8 +388,8 @@ pub fn scan_pixel_data<R: Read + Seek>(
 /// Where the top-level pixel data element starts in `reader`, the first bytes of an object whose
 /// rest is still arriving: `Some` only once every element before it, and its own header, lie
 /// within those bytes with consistent lengths. `None` when they end first, hold no pixel data, or
-/// cannot be walked (deflated or unknown transfer syntax, malformed elements: the parse of the whole
-/// object reports those).
+/// cannot be walked (deflated or unknown transfer syntax, malformed elements, or what
+/// [`check_before_parse`] refuses: the parse of the whole object reports those).
 pub fn pixel_data_start<R: Read + Seek>(
     reader: &mut R,
     dataset_start: u64,
@@ -372,6 +401,7 @@ pub fn pixel_data_start<R: Read + Seek>(
     }
     let enc = Enc::of(ts)?;
     let mut cur = Cursor::new(reader).ok()?;
+    cur.before_parse = true;
     if dataset_start > cur.file_len {
         return None;
     }
@@ -386,7 +416,7 @@ pub fn pixel_data_start<R: Read + Seek>(
             return Some(header_offset);
         }
         if h.len == UNDEFINED {
-            skip_items(&mut cur, nested_encoding(enc, h.vr), 1).ok()?;
+            skip_undefined(&mut cur, enc, h.vr, 1).ok()?;
         } else {
             cur.skip(u64::from(h.len)).ok()?;
         }
@@ -403,7 +433,7 @@ fn check_trailing_elements<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) ->
             return Err(invalid("item or delimiter at the top level of the dataset"));
         }
         if h.len == UNDEFINED {
-            skip_items(cur, nested_encoding(enc, h.vr), 1)?;
+            skip_undefined(cur, enc, h.vr, 1)?;
         } else {
             cur.skip(u64::from(h.len))?;
         }
@@ -480,7 +510,7 @@ fn pixel_data_layout<R: Read + Seek>(
         PixelKind::Encapsulated(c) if !enc.big && enc.explicit => c,
         _ => {
             // not valid for this transfer syntax; find the end of the element and give up
-            skip_items(cur, nested_encoding(enc, h.vr), 1)?;
+            skip_undefined(cur, enc, h.vr, 1)?;
             return Ok((Layout::Unavailable, cur.pos));
         }
     };
@@ -724,6 +754,29 @@ fn read_header<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<
     Ok(header)
 }
 
+/// Skips the value of an undefined-length element: a sequence, or a UN holding one (PS3.5 6.2.2,
+/// CP-246: its items in Implicit VR Little Endian). dicom-rs 0.10 reads such a UN's items in the
+/// data set's own explicit encoding, taking item bytes for a VR and a length: a 674-byte object made
+/// it allocate 3.7 GB. So a walk that clears an object for dicom-rs (`before_parse`) refuses a UN of
+/// undefined length that holds items; an empty one (just its delimiter) both read alike.
+fn skip_undefined<R: Read + Seek>(
+    cur: &mut Cursor<'_, R>,
+    enc: Enc,
+    vr: Option<[u8; 2]>,
+    depth: u32,
+) -> io::Result<()> {
+    let nested = nested_encoding(enc, vr);
+    if !(cur.before_parse && vr == Some(*b"UN")) {
+        return skip_items(cur, nested, depth);
+    }
+    match read_header(cur, nested)?.tag {
+        SEQUENCE_DELIMITER => Ok(()),
+        _ => Err(invalid(
+            "UN element of undefined length holding items (CP-246) is not supported",
+        )),
+    }
+}
+
 /// Skip the items of an undefined-length value up to and including its sequence delimiter.
 /// Works for sequences as well as fragment sequences (items of defined length are skipped
 /// without looking inside).
@@ -760,7 +813,7 @@ fn skip_item_dataset<R: Read + Seek>(
             return Err(invalid("unexpected delimiter inside an item"));
         }
         if h.len == UNDEFINED {
-            skip_items(cur, nested_encoding(enc, h.vr), depth + 1)?;
+            skip_undefined(cur, enc, h.vr, depth + 1)?;
         } else {
             cur.skip(u64::from(h.len))?;
         }
@@ -785,6 +838,8 @@ struct Cursor<'r, R> {
     /// Logical position: file offset of the next byte to read.
     pos: u64,
     file_len: u64,
+    /// Set for a walk that clears an object for dicom-rs (see [`skip_undefined`]).
+    before_parse: bool,
 }
 
 impl<'r, R: Read + Seek> Cursor<'r, R> {
@@ -798,6 +853,7 @@ impl<'r, R: Read + Seek> Cursor<'r, R> {
             inner_pos: Some(file_len),
             pos: 0,
             file_len,
+            before_parse: false,
         })
     }
 
@@ -2111,5 +2167,35 @@ mod tests {
             pixel_data_start(&mut IoCursor::new(&bytes), start, "1.2.840.10008.1.2.1.99"),
             None
         );
+    }
+
+    #[test]
+    fn a_un_of_undefined_length_with_items_is_refused_before_parsing() {
+        // (4453,100C) UN of undefined length holding Implicit VR items (CP-246).
+        let bytes = std::fs::read(sample("UN_sequence.dcm")).unwrap();
+        let (start, ts) = read_meta_extent(&mut IoCursor::new(&bytes)).unwrap();
+        let err = check_before_parse(&mut IoCursor::new(&bytes), start, &ts).unwrap_err();
+        assert!(err.to_string().contains("CP-246"), "{err}");
+        assert_eq!(
+            pixel_data_start(&mut IoCursor::new(&bytes), start, &ts),
+            None
+        );
+        // Locating frames (of stored objects) still follows CP-246.
+        let g = ImageGeometry {
+            rows: 0,
+            columns: 0,
+            samples_per_pixel: 1,
+            bits_allocated: 0,
+            number_of_frames: 1,
+        };
+        assert!(scan_pixel_data(&mut IoCursor::new(&bytes), start, &ts, &g).is_ok());
+        // An empty one (only its sequence delimiter), then a Patient Name: walked to the end.
+        let mut data = vec![
+            0x09, 0x00, 0x10, 0x10, b'U', b'N', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
+        data.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        data.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, b'P', b'N', 4, 0]);
+        data.extend_from_slice(b"AB^C");
+        check_before_parse(&mut IoCursor::new(&data), 0, EXPLICIT_LE).unwrap();
     }
 }

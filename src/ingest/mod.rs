@@ -30,7 +30,7 @@ use crate::config::DuplicatePolicy;
 use crate::index::{Index, InsertOutcome, WriteError};
 use crate::storage::{instance_key, ObjectStore, PutPath, StorageError};
 use extract::{build_record, geometry, object_uids, ObjectUids};
-use layout::{locate_frames, read_meta_extent, ImageGeometry, Layout};
+use layout::{locate_frames, read_meta_extent, Layout};
 
 pub use delete::Removal;
 pub use spool::{SpoolFiles, SpoolWriter, Spooled};
@@ -359,14 +359,7 @@ fn read_header<R: Read + Seek>(reader: &mut R) -> Result<Header, IngestError> {
     }
     // Walk the encoded elements first: it checks every declared length against the object's size,
     // so the parser below never allocates for lengths a hostile or truncated object only claims.
-    let prescan = ImageGeometry {
-        rows: 0,
-        columns: 0,
-        samples_per_pixel: 1,
-        bits_allocated: 0,
-        number_of_frames: 1,
-    };
-    locate_frames(reader, dataset_start, &ts_uid, &prescan)
+    layout::check_before_parse(reader, dataset_start, &ts_uid)
         .map_err(|e| IngestError::Unparseable(e.to_string()))?;
     decode_header(reader, dataset_start, ts_uid)
 }

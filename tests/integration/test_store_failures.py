@@ -164,3 +164,24 @@ def test_garbage_data_set_is_refused(gateway):
         assert echo_status(assoc) == 0x0000
     assert_nothing_left(gateway, before, uid)
 
+
+
+def test_un_of_undefined_length_holding_items_is_refused_without_a_huge_allocation(gateway):
+    """A CT carrying (4453,100C) UN of undefined length with Implicit VR items (CP-246; the element of
+    testdata/pydicom/UN_sequence.dcm, which starts right after its meta group at byte 0x166). dicom-rs 0.10
+    reads such items in Explicit VR and allocated 3.7 GB for them; the gateway refuses the object before it
+    parses, at once and with its memory unchanged."""
+    uid = derived_uid("un-undefined-length", "ct")
+    ct = small_ct(sop_uid=uid)
+    un_element = (TESTDATA / "pydicom/UN_sequence.dcm").read_bytes()[0x166:]
+    assert un_element[:4] == b"\x53\x44\x0c\x10"
+    pixel_data = ct.payload.index(b"\xe0\x7f\x10\x00")
+    payload = ct.payload[:pixel_data] + un_element + ct.payload[pixel_data:]
+    before = gateway.data_files()
+    with association(gateway, contexts_for([ct])) as assoc:
+        status = send_raw_c_store(assoc, payload, ct.sop_class, uid, ct.ts)
+        assert is_cannot_understand_or_mismatch(status), f"answered {fmt(status)}, expected A9xx or Cxxx"
+    peak_kb = int(next(line.split()[1] for line in open(f"/proc/{gateway.proc.pid}/status")
+                       if line.startswith("VmHWM:")))
+    assert peak_kb < 512 * 1024, f"gateway peak memory {peak_kb} kB after refusing the object"
+    assert_nothing_left(gateway, before, uid)
