@@ -10,10 +10,15 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 /// Largest identifier accepted; real ones are a few hundred bytes.
 pub const MAX_IDENTIFIER_LENGTH: usize = 1 << 20;
 
+/// Decodes an identifier, once the walk that clears objects for dicom-rs accepted it (lengths within
+/// the identifier; no UN of undefined length holding items, which dicom-rs misreads into allocations
+/// of gigabytes).
 pub fn decode(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, String> {
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
+    crate::ingest::layout::check_before_parse(&mut std::io::Cursor::new(bytes), 0, ts_uid)
+        .map_err(|e| e.to_string())?;
     InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| e.to_string())
 }
 
@@ -58,6 +63,25 @@ mod tests {
     use dicom_core::header::HasLength;
     use dicom_core::{DataElement, PrimitiveValue};
     use dicom_dictionary_std::tags;
+
+    #[test]
+    fn an_identifier_dicom_rs_would_misread_is_refused_before_decoding() {
+        // (4453,100C) UN of undefined length holding Implicit VR items (CP-246), as in the test
+        // sample, where it starts right after the meta group: dicom-rs alone allocated 3.7 GB for it.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/pydicom/UN_sequence.dcm"
+        );
+        let identifier = &std::fs::read(path).unwrap()[0x166..];
+        let err = decode(identifier, "1.2.840.10008.1.2.1").unwrap_err();
+        assert!(err.contains("CP-246"), "{err}");
+        // A length beyond the identifier's end is refused too.
+        let err = decode(
+            &[0x10, 0, 0x10, 0, b'P', b'N', 0x40, 0],
+            "1.2.840.10008.1.2.1",
+        );
+        assert!(err.is_err());
+    }
 
     #[test]
     fn identifiers_round_trip_in_each_native_transfer_syntax() {
