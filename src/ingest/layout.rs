@@ -31,6 +31,7 @@ use super::encoded::{
     decode_header, nested_encoding, short_length_vr, Enc, Header, ITEM, ITEM_DELIMITER,
     SEQUENCE_DELIMITER, UNDEFINED,
 };
+use super::inflate;
 
 /// A byte range inside the stored file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -265,6 +266,9 @@ pub fn scan_pixel_data<R: Read + Seek>(
 /// Walks a whole object before dicom-rs parses its header: every declared length is checked against
 /// the object's size (so the parser never allocates for a length the object only claims), and what
 /// dicom-rs would misread is refused (see [`skip_undefined`]).
+///
+/// A deflated data set is inflated (twice, keeping nothing: once to measure it, once to walk it) and
+/// refused when it inflates far beyond its size (see `inflate`).
 pub fn check_before_parse<R: Read + Seek>(
     reader: &mut R,
     dataset_start: u64,
@@ -277,7 +281,20 @@ pub fn check_before_parse<R: Read + Seek>(
         bits_allocated: 0,
         number_of_frames: 1,
     };
-    scan(reader, dataset_start, ts_uid, &any, true).map(|_| ())
+    let ts = TransferSyntaxRegistry.get(ts_uid);
+    if !ts.is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(_))) {
+        return scan(reader, dataset_start, ts_uid, &any, true).map(|_| ());
+    }
+    let Some(enc) = ts.and_then(Enc::of) else {
+        return Ok(());
+    };
+    let deflated = reader.seek(SeekFrom::End(0))?.saturating_sub(dataset_start);
+    let len = inflate::inflated_length(reader, dataset_start)?;
+    let mut stream = inflate::Inflated::new(reader, dataset_start)?;
+    let mut cur = Cursor::over_stream(&mut stream, len);
+    cur.before_parse = true;
+    let scan = walk(&mut cur, enc, PixelKind::Native, &any)?;
+    inflate::check_header_length(deflated, scan.metadata_end.unwrap_or(len))
 }
 
 fn scan<R: Read + Seek>(
@@ -314,6 +331,17 @@ fn scan<R: Read + Seek>(
         return Err(eof("dataset start is past the end of the file"));
     }
     cur.seek_to(dataset_start);
+    walk(&mut cur, enc, kind, geometry)
+}
+
+/// Walks the top-level elements from the cursor's position to the pixel data, then the pixel data
+/// and the elements after it to the end.
+fn walk<R: Read + Seek>(
+    cur: &mut Cursor<'_, R>,
+    enc: Enc,
+    kind: PixelKind,
+    geometry: &ImageGeometry,
+) -> io::Result<PixelDataScan> {
     let frames = geometry.number_of_frames.max(1);
     let mut eot: Option<Vec<u64>> = None;
     let mut eot_lengths: Option<Vec<u64>> = None;
@@ -327,13 +355,13 @@ fn scan<R: Read + Seek>(
             });
         }
         let header_offset = cur.pos;
-        let h = read_header(&mut cur, enc)?;
+        let h = read_header(cur, enc)?;
         if h.tag.0 == 0xFFFE {
             return Err(invalid("item or delimiter at the top level of the dataset"));
         }
         if matches!(h.tag, PIXEL_DATA | FLOAT_PIXEL_DATA | DOUBLE_PIXEL_DATA) {
             let (layout, end) = pixel_data_layout(
-                &mut cur,
+                cur,
                 &h,
                 enc,
                 kind,
@@ -342,7 +370,7 @@ fn scan<R: Read + Seek>(
                 eot.as_deref().zip(eot_lengths.as_deref()),
             )?;
             cur.seek_to(end);
-            check_trailing_elements(&mut cur, enc)?;
+            check_trailing_elements(cur, enc)?;
             return Ok(PixelDataScan {
                 metadata_end: Some(header_offset),
                 pixel_data: Some(PixelDataElement {
@@ -356,7 +384,7 @@ fn scan<R: Read + Seek>(
             });
         }
         if h.len == UNDEFINED {
-            skip_undefined(&mut cur, enc, h.vr, 1)?;
+            skip_undefined(cur, enc, h.vr, 1)?;
             continue;
         }
         let table_len = u64::from(frames) * 8;
@@ -855,6 +883,20 @@ impl<'r, R: Read + Seek> Cursor<'r, R> {
             file_len,
             before_parse: false,
         })
+    }
+
+    /// Over a stream of `len` bytes read from its start (the walk seeks it forward only).
+    fn over_stream(inner: &'r mut R, len: u64) -> Self {
+        Cursor {
+            inner,
+            buf: [0; BUF_SIZE],
+            buf_off: 0,
+            filled: 0,
+            inner_pos: Some(0),
+            pos: 0,
+            file_len: len,
+            before_parse: false,
+        }
     }
 
     fn remaining(&self) -> u64 {
@@ -2197,5 +2239,55 @@ mod tests {
         data.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, b'P', b'N', 4, 0]);
         data.extend_from_slice(b"AB^C");
         check_before_parse(&mut IoCursor::new(&data), 0, EXPLICIT_LE).unwrap();
+    }
+
+    #[test]
+    fn a_deflated_data_set_is_walked_inflated_before_parsing() {
+        use std::io::Write;
+        const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+        let deflate = |data: &[u8]| {
+            let mut z = flate2::write::DeflateEncoder::new(Vec::new(), Default::default());
+            z.write_all(data).unwrap();
+            z.finish().unwrap()
+        };
+        let check = |stream: &[u8]| check_before_parse(&mut IoCursor::new(stream), 0, DEFLATED);
+
+        // The sample passes; cut short anywhere in its deflate stream it is refused.
+        let bytes = std::fs::read(sample("image_dfl.dcm")).unwrap();
+        let (start, ts) = read_meta_extent(&mut IoCursor::new(&bytes)).unwrap();
+        assert_eq!(ts, DEFLATED);
+        check_before_parse(&mut IoCursor::new(&bytes), start, &ts).unwrap();
+        let cut = &bytes[..bytes.len() - 100];
+        assert!(check_before_parse(&mut IoCursor::new(cut), start, &ts).is_err());
+
+        // A UN of undefined length holding items is refused, as when not deflated.
+        let un = std::fs::read(sample("UN_sequence.dcm")).unwrap();
+        let (un_start, _) = read_meta_extent(&mut IoCursor::new(&un)).unwrap();
+        let err = check(&deflate(&un[un_start as usize..])).unwrap_err();
+        assert!(err.to_string().contains("CP-246"), "{err}");
+
+        // A length past the end of the inflated data set is refused.
+        let mut name = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 100, 0];
+        name.extend_from_slice(b"AB^C");
+        let err = check(&deflate(&name)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        name[6] = 4;
+        check(&deflate(&name)).unwrap();
+
+        // 65 MiB of zeros before the pixel data deflate to ~65 KB: dicom-rs would hold them all.
+        let mut bomb = vec![0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0];
+        let zeros = 65u32 << 20;
+        bomb.extend_from_slice(&zeros.to_le_bytes());
+        bomb.resize(bomb.len() + zeros as usize, 0);
+        bomb.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 2, 0, 0, 0, 0, 0]);
+        let z = deflate(&bomb);
+        assert!(z.len() < 1 << 20);
+        let err = check(&z).unwrap_err();
+        assert!(err.to_string().contains("inflate"), "{err}");
+        // The same zeros as pixel data are not held by the header parse: accepted.
+        let mut image = vec![0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0];
+        image.extend_from_slice(&zeros.to_le_bytes());
+        image.resize(image.len() + zeros as usize, 0);
+        check(&deflate(&image)).unwrap();
     }
 }

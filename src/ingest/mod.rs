@@ -15,10 +15,11 @@
 mod delete;
 pub mod encoded;
 pub mod extract;
+mod inflate;
 pub mod layout;
 pub mod spool;
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -354,11 +355,9 @@ fn read_meta<R: Read + Seek>(reader: &mut R) -> Result<(u64, String), IngestErro
 /// Reads and checks the header of a whole object.
 fn read_header<R: Read + Seek>(reader: &mut R) -> Result<Header, IngestError> {
     let (dataset_start, ts_uid) = read_meta(reader)?;
-    if ts_uid == DEFLATED_EXPLICIT_VR_LE {
-        check_deflate_stream(reader, dataset_start).map_err(|e| unparseable(&e))?;
-    }
-    // Walk the encoded elements first: it checks every declared length against the object's size,
-    // so the parser below never allocates for lengths a hostile or truncated object only claims.
+    // Walk the encoded elements first (a deflated data set inflated): it checks every declared
+    // length against the object's size, so the parser below never allocates for lengths a hostile
+    // or truncated object only claims.
     layout::check_before_parse(reader, dataset_start, &ts_uid)
         .map_err(|e| IngestError::Unparseable(e.to_string()))?;
     decode_header(reader, dataset_start, ts_uid)
@@ -420,45 +419,6 @@ fn complete<R: Read + Seek>(
     let key = key_for(&uids);
     let record = build_record(&obj, &uids, &layout, &ts_uid, &key, size);
     Ok(Parsed { uids, record })
-}
-
-const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
-
-/// A deflated data set must be one complete deflate stream: a stream cut short would otherwise parse
-/// as a shorter, valid-looking data set. Inflates into a small buffer, keeping nothing.
-fn check_deflate_stream(file: &mut (impl Read + Seek), dataset_start: u64) -> std::io::Result<()> {
-    use flate2::{Decompress, FlushDecompress, Status};
-    file.seek(SeekFrom::Start(dataset_start))?;
-    let mut inflater = Decompress::new(false);
-    let mut input = vec![0u8; 64 * 1024];
-    let mut output = vec![0u8; 256 * 1024];
-    let invalid = |e| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    loop {
-        let n = file.read(&mut input)?;
-        let mut chunk = &input[..n];
-        loop {
-            let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
-            let status = inflater
-                .decompress(chunk, &mut output, FlushDecompress::None)
-                .map_err(invalid)?;
-            if status == Status::StreamEnd {
-                return Ok(());
-            }
-            let consumed = (inflater.total_in() - in_before) as usize;
-            let produced = (inflater.total_out() - out_before) as usize;
-            chunk = &chunk[consumed..];
-            // Needs more input unless the output buffer filled up (more output may be pending).
-            if (chunk.is_empty() && produced < output.len()) || (consumed == 0 && produced == 0) {
-                break;
-            }
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "deflated data set ends before its deflate stream does",
-            ));
-        }
-    }
 }
 
 /// Pixel data that would run past the end of the object means the object was truncated.

@@ -5,6 +5,8 @@ Only refused objects are sent to this module's gateway, so any file that mention
 leftover.
 """
 
+import zlib
+
 import pytest
 from pynetdicom import build_context
 
@@ -21,6 +23,7 @@ from gw_web import client, instance_json
 MADE_UP_SOP_CLASS = "1.2.826.0.1.3680043.8.498.999.1"  # no such storage SOP class exists
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 
 
 def invalid_cases():
@@ -166,22 +169,61 @@ def test_garbage_data_set_is_refused(gateway):
 
 
 
-def test_un_of_undefined_length_holding_items_is_refused_without_a_huge_allocation(gateway):
+def _ct_with_element_before_pixel_data(label: str, element: bytes) -> tuple[Sample, bytes]:
+    """A fresh CT (Explicit VR LE) and its data set with `element` inserted right before the pixel data."""
+    ct = small_ct(sop_uid=derived_uid(label, "ct"))
+    pixel_data = ct.payload.index(b"\xe0\x7f\x10\x00")
+    return ct, ct.payload[:pixel_data] + element + ct.payload[pixel_data:]
+
+
+def _deflate(chunks) -> bytes:
+    """Raw deflate (no zlib header), as Deflated Explicit VR Little Endian wants (PS3.5 A.5)."""
+    z = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return b"".join(z.compress(c) for c in chunks) + z.flush()
+
+
+def _peak_memory_kb(gateway) -> int:
+    with open(f"/proc/{gateway.proc.pid}/status") as status:
+        return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+
+@pytest.mark.parametrize("deflated", [False, True], ids=["explicit-le", "deflated"])
+def test_un_of_undefined_length_holding_items_is_refused_without_a_huge_allocation(gateway, deflated):
     """A CT carrying (4453,100C) UN of undefined length with Implicit VR items (CP-246; the element of
     testdata/pydicom/UN_sequence.dcm, which starts right after its meta group at byte 0x166). dicom-rs 0.10
     reads such items in Explicit VR and allocated 3.7 GB for them; the gateway refuses the object before it
-    parses, at once and with its memory unchanged."""
-    uid = derived_uid("un-undefined-length", "ct")
-    ct = small_ct(sop_uid=uid)
+    parses, at once and with its memory unchanged, whether the data set is sent as it is or deflated."""
     un_element = (TESTDATA / "pydicom/UN_sequence.dcm").read_bytes()[0x166:]
     assert un_element[:4] == b"\x53\x44\x0c\x10"
-    pixel_data = ct.payload.index(b"\xe0\x7f\x10\x00")
-    payload = ct.payload[:pixel_data] + un_element + ct.payload[pixel_data:]
+    ct, payload = _ct_with_element_before_pixel_data(f"un-undefined-length-{deflated}", un_element)
+    ts = DEFLATED_LE if deflated else ct.ts
+    if deflated:
+        payload = _deflate([payload])
     before = gateway.data_files()
-    with association(gateway, contexts_for([ct])) as assoc:
-        status = send_raw_c_store(assoc, payload, ct.sop_class, uid, ct.ts)
+    with association(gateway, [build_context(ct.sop_class, ts)]) as assoc:
+        status = send_raw_c_store(assoc, payload, ct.sop_class, ct.sop_uid, ts)
         assert is_cannot_understand_or_mismatch(status), f"answered {fmt(status)}, expected A9xx or Cxxx"
-    peak_kb = int(next(line.split()[1] for line in open(f"/proc/{gateway.proc.pid}/status")
-                       if line.startswith("VmHWM:")))
-    assert peak_kb < 512 * 1024, f"gateway peak memory {peak_kb} kB after refusing the object"
-    assert_nothing_left(gateway, before, uid)
+    assert _peak_memory_kb(gateway) < 512 * 1024, "gateway peak memory after refusing the object"
+    assert_nothing_left(gateway, before, ct.sop_uid)
+
+
+def test_deflated_data_set_inflating_to_a_gigabyte_is_refused_without_holding_it(gateway):
+    """1 GiB of zeros in an OB element before the pixel data deflate to ~1 MB. dicom-rs would inflate the
+    element and hold it in memory while parsing the header; the gateway refuses a data set that inflates far
+    beyond its size before it parses, keeping none of it."""
+    zeros = 1 << 30
+    ct = small_ct(sop_uid=derived_uid("deflate-bomb", "ct"))
+    payload = ct.payload
+    pixel_data = payload.index(b"\xe0\x7f\x10\x00")
+    header = b"\x09\x00\x10\x10OB\x00\x00" + zeros.to_bytes(4, "little")
+    chunk = bytes(1 << 20)
+    stream = _deflate([payload[:pixel_data], header, *(chunk for _ in range(zeros // len(chunk))),
+                       payload[pixel_data:]])
+    assert len(stream) < 2 << 20
+    before = gateway.data_files()
+    with association(gateway, [build_context(ct.sop_class, DEFLATED_LE)]) as assoc:
+        status = send_raw_c_store(assoc, stream, ct.sop_class, ct.sop_uid, DEFLATED_LE)
+        assert is_cannot_understand_or_mismatch(status), f"answered {fmt(status)}, expected A9xx or Cxxx"
+        assert echo_status(assoc) == 0x0000
+    assert _peak_memory_kb(gateway) < 512 * 1024, "gateway peak memory after refusing the object"
+    assert_nothing_left(gateway, before, ct.sop_uid)
