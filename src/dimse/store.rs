@@ -198,13 +198,7 @@ async fn ingest(
     expected: &Expected,
     early: Option<EarlyHeader>,
 ) -> Reply {
-    let spooled = match spool.finish().await {
-        Ok(spooled) => spooled,
-        Err(e) => {
-            tracing::error!(error = %e, "spool write failed");
-            return Reply::failure(status::OUT_OF_RESOURCES, "cannot spool the object");
-        }
-    };
+    let spooled = spool.finish();
     match ctx.ingestor.ingest(spooled, Some(expected), early).await {
         Ok(Outcome::Stored | Outcome::DuplicateKept | Outcome::Replaced) => Reply {
             status: status::SUCCESS,

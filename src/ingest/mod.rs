@@ -162,7 +162,8 @@ impl Ingestor {
         let keep_first = !replace;
         let (store, index, expected) = (self.store.clone(), self.index.clone(), expected.cloned());
         // One blocking task: the spool file's last bytes are written, the header parsed (unless
-        // read early) and checked, the SOP Instance UID looked up (keep_first), and, for a store
+        // read early; an object kept in memory is parsed while its last full buffer is still being
+        // written, and that write is waited for before the object is stored) and checked, the SOP Instance UID looked up (keep_first), and, for a store
         // that works from blocking code (the filesystem), the insert queued to the index writer and
         // the object stored (its data written back first when the store flushes the file itself);
         // the insert commits once the object is durable. A remote store's put follows on the async
@@ -183,7 +184,7 @@ impl Ingestor {
                         &key_suffix,
                     )
                 };
-                let mut reader = spooled.reader().map_err(|e| unparseable(&e))?;
+                let mut reader = spooled.reader().map_err(spool_error)?;
                 let (parsed, indexed) = match early {
                     Some(ReadEarly { header, indexed }) => {
                         (complete(header, &mut reader, size, key_for)?, indexed)
@@ -205,12 +206,14 @@ impl Ingestor {
                     return Ok(Step::Duplicate);
                 }
                 if put_path == PutPath::Async {
+                    spooled.finish_writes().map_err(spool_error)?;
                     return Ok(Step::ToStore(Box::new(parsed)));
                 }
                 let key = parsed.record.instance.storage_key.clone();
                 // The insert's statements run while the object is made durable; its gate is
                 // dropped unopened if storing fails, and then nothing is committed.
                 let (gate, pending) = index.insert_gated_blocking(parsed.record, replace)?;
+                spooled.finish_writes().map_err(spool_error)?;
                 if write_back {
                     spooled.write_back().map_err(spool_error)?;
                 }
@@ -266,12 +269,13 @@ impl Ingestor {
         while let Some(chunk) = stream.try_next().await.map_err(io)? {
             spool.write(&chunk).await.map_err(io)?;
         }
-        let mut spooled = spool.finish().await.map_err(io)?;
+        let mut spooled = spool.finish();
         let owned_key = key.to_string();
         let parsed = tokio::task::spawn_blocking(move || {
             spooled.write_tail().map_err(spool_error)?;
-            let mut reader = spooled.reader().map_err(|e| unparseable(&e))?;
-            parse(&mut reader, spooled.size(), |_| owned_key)
+            let size = spooled.size();
+            let mut reader = spooled.reader().map_err(spool_error)?;
+            parse(&mut reader, size, |_| owned_key)
         })
         .await
         .expect("parse task panicked")?;

@@ -2,6 +2,8 @@
 //! so memory does not grow with object size. A spool file is deleted when dropped unless it was
 //! moved into storage.
 
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -13,11 +15,11 @@ use tokio::task::JoinHandle;
 use crate::storage::{ObjectStore, StorageError};
 
 pub struct SpoolWriter {
-    /// The file, unless a full buffer is being written to it (`writing`).
-    file: Option<std::fs::File>,
+    /// Written at explicit offsets, so a buffer's write needs no exclusive hold on it.
+    file: Arc<std::fs::File>,
     /// The blocking write of the previous full buffer: it runs while the next one fills (the
-    /// network receive is not held up by the disk), and hands the file back.
-    writing: Option<JoinHandle<(std::fs::File, std::io::Result<()>)>>,
+    /// network receive is not held up by the disk).
+    writing: Option<JoinHandle<std::io::Result<()>>>,
     buf: Vec<u8>,
     path: TempPath,
     size: u64,
@@ -25,19 +27,30 @@ pub struct SpoolWriter {
     /// Whether the first full buffer is kept for [`SpoolWriter::take_prefix`].
     keep_prefix: bool,
     prefix: Option<Arc<Vec<u8>>>,
+    /// The full buffers handed to the disk, while they add up to at most [`KEEP`] bytes.
+    kept: Option<Vec<Arc<Vec<u8>>>>,
 }
 
 /// Bytes buffered before they are written: a small object is written once, with its last bytes, by
 /// ingest's parse task ([`Spooled::write_tail`]).
 pub const BUFFER: usize = 256 * 1024;
 
-/// A complete spool file, except maybe its last bytes (not yet durable: the store makes it so).
+/// An object of up to this size stays in memory until ingest has parsed it: it is parsed while its
+/// last buffers are still being written, and never read back from the file.
+const KEEP: usize = 4 * BUFFER;
+
+/// A complete spool file, except maybe its last bytes and the write of its last full buffer (not
+/// yet durable: the store makes it so).
 pub struct Spooled {
     path: TempPath,
     size: u64,
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
+    /// The write of the last full buffer, if it may still run.
+    writing: Option<JoinHandle<std::io::Result<()>>>,
     tail: Vec<u8>,
     tail_written: bool,
+    /// All the bytes before `tail`, when they were kept (see [`KEEP`]).
+    kept: Option<Vec<Arc<Vec<u8>>>>,
 }
 
 /// Spool files created ahead of need. Creating a file is a file-system journal operation that
@@ -134,7 +147,7 @@ impl SpoolWriter {
     ) -> std::io::Result<SpoolWriter> {
         let (file, path) = files.take().await?;
         Ok(SpoolWriter {
-            file: Some(file),
+            file: Arc::new(file),
             writing: None,
             buf: Vec::with_capacity(BUFFER),
             path,
@@ -142,6 +155,7 @@ impl SpoolWriter {
             write_back_early,
             keep_prefix,
             prefix: None,
+            kept: Some(Vec::new()),
         })
     }
 
@@ -167,21 +181,26 @@ impl SpoolWriter {
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         // Hand the buffer over before it would have to grow (a reallocation copies it).
         if !self.buf.is_empty() && self.buf.len() + bytes.len() > BUFFER {
-            let file = self.reclaim().await?;
-            let first = self.size == self.buf.len() as u64;
+            // One write in flight at a time: memory stays bounded however fast bytes arrive.
+            self.reclaim().await?;
+            let offset = self.size - self.buf.len() as u64;
             let buf = Arc::new(std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER)));
-            if first && self.keep_prefix {
+            if offset == 0 && self.keep_prefix {
                 self.prefix = Some(buf.clone());
             }
-            let write_back = self.write_back_early;
+            if self.size > KEEP as u64 {
+                self.kept = None;
+            }
+            if let Some(kept) = &mut self.kept {
+                kept.push(buf.clone());
+            }
+            let (file, write_back) = (self.file.clone(), self.write_back_early);
             self.writing = Some(tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut file = file;
-                let mut written = file.write_all(&buf);
-                if written.is_ok() && write_back {
-                    written = sync_file_range(&file, libc::SYNC_FILE_RANGE_WRITE);
+                file.write_all_at(&buf, offset)?;
+                if write_back {
+                    sync_file_range(&file, libc::SYNC_FILE_RANGE_WRITE)?;
                 }
-                (file, written)
+                Ok(())
             }));
         }
         self.buf.extend_from_slice(bytes);
@@ -189,14 +208,12 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// The file, once the write in progress (if any) has finished; its error, if it failed.
-    async fn reclaim(&mut self) -> std::io::Result<std::fs::File> {
-        if let Some(writing) = self.writing.take() {
-            let (file, written) = writing.await.expect("spool write task panicked");
-            self.file = Some(file);
-            written?;
+    /// Waits for the write in progress (if any); its error, if it failed.
+    async fn reclaim(&mut self) -> std::io::Result<()> {
+        match self.writing.take() {
+            Some(writing) => writing.await.expect("spool write task panicked"),
+            None => Ok(()),
         }
-        Ok(self.file.take().expect("spool file present between writes"))
     }
 
     /// The object's first [`BUFFER`] bytes (once), as soon as it is known to be larger: its header
@@ -210,17 +227,18 @@ impl SpoolWriter {
         self.size
     }
 
-    /// The spool file with its unwritten last bytes (see [`Spooled::write_tail`]), once the write
-    /// in progress has finished.
-    pub async fn finish(mut self) -> std::io::Result<Spooled> {
-        let file = self.reclaim().await?;
-        Ok(Spooled {
+    /// The spool file with its unwritten last bytes (see [`Spooled::write_tail`]); the write of its
+    /// last full buffer may still run (see [`Spooled::finish_writes`]).
+    pub fn finish(self) -> Spooled {
+        Spooled {
             path: self.path,
             size: self.size,
-            file,
+            file: self.file,
+            writing: self.writing,
             tail: self.buf,
             tail_written: false,
-        })
+            kept: self.kept,
+        }
     }
 }
 
@@ -236,29 +254,49 @@ impl Spooled {
     /// Writes the bytes still buffered (blocking); needed before the file is stored. They stay in
     /// memory for [`Spooled::reader`].
     pub fn write_tail(&mut self) -> std::io::Result<()> {
-        use std::io::Write;
         if !self.tail_written {
-            self.file.write_all(&self.tail)?;
+            let offset = self.size - self.tail.len() as u64;
+            self.file.write_all_at(&self.tail, offset)?;
             self.tail_written = true;
         }
         Ok(())
     }
 
-    /// A reader of the whole object (Part-10): the buffer when all of it is still there (a small
-    /// object, parsed without reading it back), else the file (after [`Spooled::write_tail`]).
-    pub fn reader(&self) -> std::io::Result<SpoolReader<'_>> {
-        if self.tail.len() as u64 == self.size {
-            return Ok(SpoolReader::Memory(std::io::Cursor::new(&self.tail)));
+    /// Waits for the write of the last full buffer (blocking); needed before the file is stored.
+    pub fn finish_writes(&mut self) -> std::io::Result<()> {
+        match self.writing.take() {
+            Some(writing) => {
+                futures::executor::block_on(writing).expect("spool write task panicked")
+            }
+            None => Ok(()),
         }
-        let file = std::fs::File::open(&self.path)?;
-        Ok(SpoolReader::File(std::io::BufReader::new(file)))
+    }
+
+    /// A reader of the whole object (Part-10): its bytes in memory when they were kept (an object
+    /// of up to [`KEEP`] bytes, parsed without reading it back or waiting for its writes), else the
+    /// file (after [`Spooled::write_tail`]; the writes are waited for).
+    pub fn reader(&mut self) -> std::io::Result<SpoolReader<'_>> {
+        let kept_len = |kept: &Vec<Arc<Vec<u8>>>| kept.iter().map(|b| b.len() as u64).sum::<u64>();
+        let in_memory =
+            (self.kept.as_ref()).is_some_and(|k| kept_len(k) + self.tail.len() as u64 == self.size);
+        if !in_memory {
+            self.finish_writes()?;
+            let file = std::fs::File::open(&self.path)?;
+            return Ok(SpoolReader::File(std::io::BufReader::new(file)));
+        }
+        let parts = (self.kept.iter().flatten())
+            .map(|b| b.as_slice())
+            .chain([self.tail.as_slice()])
+            .collect();
+        Ok(SpoolReader::Memory(Pieces::new(parts)))
     }
 
     /// Writes the file's data to the disk without flushing the disk's cache or committing the
     /// file system's journal (blocking; ingest runs it while it parses the header). The filesystem
     /// store's flush after its rename then only has to commit the journal: one disk flush per object
     /// instead of two (data, then the rename). Only a speed-up: durability is the store's job.
-    pub fn write_back(&self) -> std::io::Result<()> {
+    pub fn write_back(&mut self) -> std::io::Result<()> {
+        self.finish_writes()?;
         sync_file_range(
             &self.file,
             libc::SYNC_FILE_RANGE_WAIT_BEFORE
@@ -274,6 +312,7 @@ impl Spooled {
     }
 
     /// Moves the file into storage under `key`, durably; on failure the spool file is removed.
+    /// Its writes must be finished ([`Spooled::finish_writes`]).
     pub async fn store_into(self, store: &dyn ObjectStore, key: &str) -> Result<(), StorageError> {
         store.put_file(key, &self.path).await?;
         self.mark_stored();
@@ -288,11 +327,57 @@ impl Spooled {
 
 /// See [`Spooled::reader`].
 pub enum SpoolReader<'a> {
-    Memory(std::io::Cursor<&'a [u8]>),
+    Memory(Pieces<'a>),
     File(std::io::BufReader<std::fs::File>),
 }
 
-impl std::io::Read for SpoolReader<'_> {
+/// The object's bytes in memory, in the buffers they arrived in: read as one.
+pub struct Pieces<'a> {
+    parts: Vec<&'a [u8]>,
+    len: u64,
+    pos: u64,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(parts: Vec<&'a [u8]>) -> Self {
+        let len = parts.iter().map(|p| p.len() as u64).sum();
+        Pieces { parts, len, pos: 0 }
+    }
+}
+
+impl Read for Pieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut start = 0u64;
+        for part in &self.parts {
+            let end = start + part.len() as u64;
+            if self.pos < end {
+                let from = &part[(self.pos - start) as usize..];
+                let n = from.len().min(buf.len());
+                buf[..n].copy_from_slice(&from[..n]);
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            start = end;
+        }
+        Ok(0)
+    }
+}
+
+impl Seek for Pieces<'_> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let pos = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start")
+        })?;
+        Ok(self.pos)
+    }
+}
+
+impl Read for SpoolReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             SpoolReader::Memory(r) => r.read(buf),
@@ -301,8 +386,8 @@ impl std::io::Read for SpoolReader<'_> {
     }
 }
 
-impl std::io::Seek for SpoolReader<'_> {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+impl Seek for SpoolReader<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
         match self {
             SpoolReader::Memory(r) => r.seek(pos),
             SpoolReader::File(r) => r.seek(pos),
@@ -338,4 +423,74 @@ pub fn clear_stale(dir: &Path) -> std::io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn read_all(mut r: impl Read + Seek) -> Vec<u8> {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn pieces_read_and_seek_as_one() {
+        let bytes = data(1000);
+        let parts = vec![
+            &bytes[..300],
+            &bytes[300..300],
+            &bytes[300..999],
+            &bytes[999..],
+        ];
+        let mut p = Pieces::new(parts);
+        assert_eq!(p.seek(SeekFrom::End(0)).unwrap(), 1000);
+        p.seek(SeekFrom::Start(250)).unwrap();
+        let mut across = [0u8; 100];
+        p.read_exact(&mut across).unwrap();
+        assert_eq!(&across[..], &bytes[250..350]);
+        assert_eq!(p.seek(SeekFrom::Current(-350)).unwrap(), 0);
+        assert_eq!(read_all(&mut p), bytes);
+        assert!(p.seek(SeekFrom::Current(-1001)).is_err());
+    }
+
+    /// Objects are written whole to the file however they arrive; one of up to `KEEP` bytes is read
+    /// from memory, a larger one from the file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn objects_are_spooled_whole_and_read_back_from_memory_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SpoolFiles::new(dir.path(), true).unwrap();
+        for len in [
+            10,
+            BUFFER,
+            BUFFER + 1,
+            3 * BUFFER + 999,
+            KEEP + BUFFER / 2,
+            6 * BUFFER + 5,
+        ] {
+            let bytes = data(len);
+            let mut w = SpoolWriter::create_raw(&files).await.unwrap();
+            for chunk in bytes.chunks(16_000 + len % 977) {
+                w.write(chunk).await.unwrap();
+            }
+            let mut spooled = w.finish();
+            let (bytes, spooled) = tokio::task::spawn_blocking(move || {
+                spooled.write_tail().unwrap();
+                let reader = spooled.reader().unwrap();
+                let from_memory = matches!(reader, SpoolReader::Memory(_));
+                assert_eq!(from_memory, len <= KEEP + BUFFER, "object of {len} bytes");
+                assert_eq!(read_all(reader), bytes, "object of {len} bytes");
+                spooled.finish_writes().unwrap();
+                (bytes, spooled)
+            })
+            .await
+            .unwrap();
+            assert_eq!(std::fs::read(spooled.path()).unwrap(), bytes, "{len} bytes");
+        }
+    }
 }
