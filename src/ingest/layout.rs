@@ -452,6 +452,38 @@ pub fn pixel_data_start<R: Read + Seek>(
     None
 }
 
+/// The layout [`locate_frames`] will find for native pixel data whose element header is at
+/// `pixel_data` in `prefix` (from [`pixel_data_start`]), before the value itself has arrived: the
+/// frames follow from the value's declared length and the geometry. `None` for encapsulated pixel
+/// data or an undefined length. Only a forecast: the walk of the whole object decides.
+pub fn native_layout_at(
+    prefix: &[u8],
+    pixel_data: u64,
+    ts_uid: &str,
+    geometry: &ImageGeometry,
+) -> Option<Layout> {
+    let ts = TransferSyntaxRegistry.get(ts_uid)?;
+    if ts.is_encapsulated_pixel_data() || matches!(ts.codec(), Codec::Dataset(_)) {
+        return None;
+    }
+    let mut reader = io::Cursor::new(prefix);
+    let mut cur = Cursor::new(&mut reader).ok()?;
+    cur.seek_to(pixel_data);
+    let h = read_header(&mut cur, Enc::of(ts)?).ok()?;
+    if !matches!(h.tag, PIXEL_DATA | FLOAT_PIXEL_DATA | DOUBLE_PIXEL_DATA) || h.len == UNDEFINED {
+        return None;
+    }
+    let value = Extent {
+        offset: cur.pos,
+        length: u64::from(h.len),
+    };
+    Some(native_layout(
+        value,
+        geometry,
+        geometry.number_of_frames.max(1),
+    ))
+}
+
 /// Walks the top-level elements after the pixel data (e.g. Data Set Trailing Padding) to the end of
 /// the file, so that an object cut anywhere after its pixel data is still recognised as truncated.
 fn check_trailing_elements<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<()> {

@@ -94,6 +94,17 @@ struct ReadEarly {
     header: Header,
     /// Whether its SOP Instance UID was indexed already (looked up when the first copy is kept).
     indexed: Option<bool>,
+    /// The suffix of its storage key, chosen early for the forecast record.
+    key_suffix: String,
+    forecast: Option<Forecast>,
+}
+
+/// The index record of an object with native pixel data, built from its header while the pixel data
+/// arrives, for the frame layout the header announces. Used if the walk of the whole object finds
+/// that layout (the record depends on nothing else but the object's size).
+struct Forecast {
+    layout: Layout,
+    record: crate::index::InstanceRecord,
 }
 
 /// The result of parsing a spooled object, before anything is stored.
@@ -133,12 +144,19 @@ impl Ingestor {
             self.on_duplicate == DuplicatePolicy::KeepFirst,
         );
         EarlyHeader(tokio::task::spawn_blocking(move || {
-            let header = header_from_prefix(&prefix)?;
+            let (header, pixel_data) = header_from_prefix(&prefix)?;
+            let key_suffix = unique_suffix();
+            let forecast = forecast(&header, &prefix, pixel_data, &key_suffix);
             let indexed = keep_first
                 .then(|| index.instance_exists_blocking(&header.uids.sop_instance_uid))
                 .transpose()
                 .ok()?;
-            Some(ReadEarly { header, indexed })
+            Some(ReadEarly {
+                header,
+                indexed,
+                key_suffix,
+                forecast,
+            })
         }))
     }
 
@@ -156,7 +174,10 @@ impl Ingestor {
             None => None,
         };
         let size = spooled.size();
-        let key_suffix = unique_suffix();
+        let key_suffix = match &early {
+            Some(early) => early.key_suffix.clone(),
+            None => unique_suffix(),
+        };
         let put_path = self.store.put_path(size);
         let replace = self.on_duplicate == DuplicatePolicy::Replace;
         let keep_first = !replace;
@@ -186,9 +207,15 @@ impl Ingestor {
                 };
                 let mut reader = spooled.reader().map_err(spool_error)?;
                 let (parsed, indexed) = match early {
-                    Some(ReadEarly { header, indexed }) => {
-                        (complete(header, &mut reader, size, key_for)?, indexed)
-                    }
+                    Some(ReadEarly {
+                        header,
+                        indexed,
+                        forecast,
+                        ..
+                    }) => (
+                        complete(header, &mut reader, size, key_for, forecast)?,
+                        indexed,
+                    ),
                     None => (parse(&mut reader, size, key_for)?, None),
                 };
                 drop(reader);
@@ -334,7 +361,7 @@ fn parse<R: Read + Seek>(
     key_for: impl FnOnce(&ObjectUids) -> String,
 ) -> Result<Parsed, IngestError> {
     let header = read_header(reader)?;
-    complete(header, reader, size, key_for)
+    complete(header, reader, size, key_for, None)
 }
 
 fn unparseable(e: &dyn std::fmt::Display) -> IngestError {
@@ -370,11 +397,29 @@ fn read_header<R: Read + Seek>(reader: &mut R) -> Result<Header, IngestError> {
 /// Reads the header from the first bytes of an object still arriving, when they hold all of it
 /// (up to the pixel data element's header, every length checked against those bytes). `None` when
 /// they do not, or when anything is wrong: the parse of the whole object then decides.
-fn header_from_prefix(prefix: &[u8]) -> Option<Header> {
+/// Also returns where the pixel data element starts.
+fn header_from_prefix(prefix: &[u8]) -> Option<(Header, u64)> {
     let mut reader = std::io::Cursor::new(prefix);
     let (dataset_start, ts_uid) = read_meta(&mut reader).ok()?;
-    layout::pixel_data_start(&mut reader, dataset_start, &ts_uid)?;
-    decode_header(&mut reader, dataset_start, ts_uid).ok()
+    let pixel_data = layout::pixel_data_start(&mut reader, dataset_start, &ts_uid)?;
+    let header = decode_header(&mut reader, dataset_start, ts_uid).ok()?;
+    Some((header, pixel_data))
+}
+
+/// The record of an object whose native pixel data starts at `pixel_data` in `prefix`, for the
+/// layout its header announces (see [`Forecast`]).
+fn forecast(header: &Header, prefix: &[u8], pixel_data: u64, key_suffix: &str) -> Option<Forecast> {
+    let layout =
+        layout::native_layout_at(prefix, pixel_data, &header.ts_uid, &geometry(&header.obj))?;
+    let uids = &header.uids;
+    let key = instance_key(
+        &uids.study_uid,
+        &uids.series_uid,
+        &uids.sop_instance_uid,
+        key_suffix,
+    );
+    let record = build_record(&header.obj, uids, &layout, &header.ts_uid, &key, 0);
+    Some(Forecast { layout, record })
 }
 
 /// Decodes the elements before the pixel data (their lengths already checked) and the UIDs.
@@ -410,6 +455,7 @@ fn complete<R: Read + Seek>(
     reader: &mut R,
     size: u64,
     key_for: impl FnOnce(&ObjectUids) -> String,
+    forecast: Option<Forecast>,
 ) -> Result<Parsed, IngestError> {
     let Header {
         dataset_start,
@@ -421,7 +467,16 @@ fn complete<R: Read + Seek>(
         .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;
     check_extents(&layout, size)?;
     let key = key_for(&uids);
-    let record = build_record(&obj, &uids, &layout, &ts_uid, &key, size);
+    let record = match forecast {
+        Some(Forecast {
+            layout: l,
+            mut record,
+        }) if l == layout && record.instance.storage_key == key => {
+            record.instance.size_bytes = size;
+            record
+        }
+        _ => build_record(&obj, &uids, &layout, &ts_uid, &key, size),
+    };
     Ok(Parsed { uids, record })
 }
 
@@ -462,7 +517,7 @@ mod tests {
     #[test]
     fn early_header_parse_agrees_with_the_whole_object_parse() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
-        let mut early_reads = 0;
+        let (mut early_reads, mut forecasts) = (0, 0);
         for dir in ["pydicom", "pydicom-charsets", "derived"] {
             for entry in std::fs::read_dir(root.join(dir)).unwrap() {
                 let path = entry.unwrap().path();
@@ -471,14 +526,28 @@ mod tests {
                 }
                 let bytes = std::fs::read(&path).unwrap();
                 let size = bytes.len() as u64;
-                let key = |_: &ObjectUids| "key".to_string();
+                let key = |u: &ObjectUids| {
+                    instance_key(&u.study_uid, &u.series_uid, &u.sop_instance_uid, "key")
+                };
                 let whole = parse(&mut std::io::Cursor::new(&bytes), size, key);
                 for n in [spool::BUFFER, 2048] {
-                    let Some(header) = header_from_prefix(&bytes[..n.min(bytes.len())]) else {
+                    let prefix = &bytes[..n.min(bytes.len())];
+                    let Some((header, pixel_data)) = header_from_prefix(prefix) else {
                         continue;
                     };
                     early_reads += 1;
-                    let early = complete(header, &mut std::io::Cursor::new(&bytes), size, key);
+                    let forecast = forecast(&header, prefix, pixel_data, "key");
+                    forecasts += usize::from(forecast.is_some());
+                    let key = |u: &ObjectUids| {
+                        instance_key(&u.study_uid, &u.series_uid, &u.sop_instance_uid, "key")
+                    };
+                    let early = complete(
+                        header,
+                        &mut std::io::Cursor::new(&bytes),
+                        size,
+                        key,
+                        forecast,
+                    );
                     let name = path.display();
                     match (&whole, &early) {
                         (Ok(a), Ok(b)) => {
@@ -499,5 +568,40 @@ mod tests {
             }
         }
         assert!(early_reads > 40, "only {early_reads} headers read early");
+        assert!(forecasts > 20, "only {forecasts} records forecast");
+    }
+
+    /// A forecast record is used only for the layout the walk of the whole object finds.
+    #[test]
+    fn a_forecast_for_another_layout_is_not_used() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pydicom/CT_small.dcm");
+        let bytes = std::fs::read(path).unwrap();
+        let size = bytes.len() as u64;
+        let (header, pixel_data) = header_from_prefix(&bytes[..8192]).unwrap();
+        let mut fc = forecast(&header, &bytes[..8192], pixel_data, "key").unwrap();
+        assert!(matches!(fc.layout, Layout::Native { frames: 1, .. }));
+        let key =
+            |u: &ObjectUids| instance_key(&u.study_uid, &u.series_uid, &u.sop_instance_uid, "key");
+        let used = |header, forecast| {
+            let parsed = complete(
+                header,
+                &mut std::io::Cursor::new(&bytes),
+                size,
+                key,
+                Some(forecast),
+            )
+            .unwrap();
+            assert_eq!(parsed.record.instance.size_bytes, size);
+            parsed.record.instance.metadata_json
+        };
+        fc.record.instance.metadata_json = "forecast".into();
+        assert_eq!(used(header, fc), "forecast");
+
+        let (header, pixel_data) = header_from_prefix(&bytes[..8192]).unwrap();
+        let mut fc = forecast(&header, &bytes[..8192], pixel_data, "key").unwrap();
+        fc.record.instance.metadata_json = "forecast".into();
+        fc.layout = Layout::Unavailable;
+        assert!(used(header, fc).starts_with('{'));
     }
 }
