@@ -467,11 +467,12 @@ fn complete<R: Read + Seek>(
         .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;
     check_extents(&layout, size)?;
     let key = key_for(&uids);
+    // The forecast used this header and key suffix: only the layout can differ.
     let record = match forecast {
         Some(Forecast {
             layout: l,
             mut record,
-        }) if l == layout && record.instance.storage_key == key => {
+        }) if l == layout => {
             record.instance.size_bytes = size;
             record
         }
