@@ -413,6 +413,15 @@ fn walk<R: Read + Seek>(
     }
 }
 
+/// The top-level pixel data element's header, read from the first bytes of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PixelDataStart {
+    /// Where the element (its header) starts.
+    pub offset: u64,
+    /// Where its value lies, when its length is defined (native pixel data).
+    pub value: Option<Extent>,
+}
+
 /// Where the top-level pixel data element starts in `reader`, the first bytes of an object whose
 /// rest is still arriving: `Some` only once every element before it, and its own header, lie
 /// within those bytes with consistent lengths. `None` when they end first, hold no pixel data, or
@@ -422,7 +431,7 @@ pub fn pixel_data_start<R: Read + Seek>(
     reader: &mut R,
     dataset_start: u64,
     ts_uid: &str,
-) -> Option<u64> {
+) -> Option<PixelDataStart> {
     let ts = TransferSyntaxRegistry.get(ts_uid)?;
     if matches!(ts.codec(), Codec::Dataset(_)) {
         return None;
@@ -441,7 +450,13 @@ pub fn pixel_data_start<R: Read + Seek>(
             return None;
         }
         if matches!(h.tag, PIXEL_DATA | FLOAT_PIXEL_DATA | DOUBLE_PIXEL_DATA) {
-            return Some(header_offset);
+            return Some(PixelDataStart {
+                offset: header_offset,
+                value: (h.len != UNDEFINED).then(|| Extent {
+                    offset: cur.pos,
+                    length: u64::from(h.len),
+                }),
+            });
         }
         if h.len == UNDEFINED {
             skip_undefined(&mut cur, enc, h.vr, 1).ok()?;
@@ -452,31 +467,19 @@ pub fn pixel_data_start<R: Read + Seek>(
     None
 }
 
-/// The layout [`locate_frames`] will find for native pixel data whose element header is at
-/// `pixel_data` in `prefix` (from [`pixel_data_start`]), before the value itself has arrived: the
-/// frames follow from the value's declared length and the geometry. `None` for encapsulated pixel
-/// data or an undefined length. Only a forecast: the walk of the whole object decides.
-pub fn native_layout_at(
-    prefix: &[u8],
-    pixel_data: u64,
+/// The layout [`locate_frames`] will find for native pixel data whose value lies at `value` (from
+/// [`pixel_data_start`]), before the value itself has arrived: the frames follow from its declared
+/// length and the geometry. `None` for a syntax with encapsulated pixel data. Only a forecast: the
+/// walk of the whole object decides.
+pub fn native_layout_forecast(
     ts_uid: &str,
+    value: Extent,
     geometry: &ImageGeometry,
 ) -> Option<Layout> {
     let ts = TransferSyntaxRegistry.get(ts_uid)?;
     if ts.is_encapsulated_pixel_data() || matches!(ts.codec(), Codec::Dataset(_)) {
         return None;
     }
-    let mut reader = io::Cursor::new(prefix);
-    let mut cur = Cursor::new(&mut reader).ok()?;
-    cur.seek_to(pixel_data);
-    let h = read_header(&mut cur, Enc::of(ts)?).ok()?;
-    if !matches!(h.tag, PIXEL_DATA | FLOAT_PIXEL_DATA | DOUBLE_PIXEL_DATA) || h.len == UNDEFINED {
-        return None;
-    }
-    let value = Extent {
-        offset: cur.pos,
-        length: u64::from(h.len),
-    };
     Some(native_layout(
         value,
         geometry,
@@ -2223,7 +2226,9 @@ mod tests {
             let g = geometry_of(&open_file(sample(name)).unwrap());
             let scan = scan_pixel_data(&mut IoCursor::new(&bytes), start, &ts, &g).unwrap();
             let pixel = scan.pixel_data.unwrap().element.offset;
-            let at = |n: usize| pixel_data_start(&mut IoCursor::new(&bytes[..n]), start, &ts);
+            let at = |n: usize| {
+                pixel_data_start(&mut IoCursor::new(&bytes[..n]), start, &ts).map(|p| p.offset)
+            };
             assert_eq!(at(bytes.len()), Some(pixel), "{name}");
             // Its header (at least 8 bytes) must be there; anything short of it is not enough.
             assert_eq!(at(pixel as usize + 12), Some(pixel), "{name}");

@@ -146,7 +146,7 @@ impl Ingestor {
         EarlyHeader(tokio::task::spawn_blocking(move || {
             let (header, pixel_data) = header_from_prefix(&prefix)?;
             let key_suffix = unique_suffix();
-            let forecast = forecast(&header, &prefix, pixel_data, &key_suffix);
+            let forecast = forecast(&header, pixel_data, &key_suffix);
             let indexed = keep_first
                 .then(|| index.instance_exists_blocking(&header.uids.sop_instance_uid))
                 .transpose()
@@ -184,11 +184,12 @@ impl Ingestor {
         let (store, index, expected) = (self.store.clone(), self.index.clone(), expected.cloned());
         // One blocking task: the spool file's last bytes are written, the header parsed (unless
         // read early; an object kept in memory is parsed while its last full buffer is still being
-        // written, and that write is waited for before the object is stored) and checked, the SOP Instance UID looked up (keep_first), and, for a store
-        // that works from blocking code (the filesystem), the insert queued to the index writer and
-        // the object stored (its data written back first when the store flushes the file itself);
-        // the insert commits once the object is durable. A remote store's put follows on the async
-        // side. Each hand-off between threads costs a wake-up on the critical path of a C-STORE.
+        // written, and that write is waited for before the object is stored) and checked, the SOP
+        // Instance UID looked up (keep_first), and, for a store that works from blocking code (the
+        // filesystem), the insert queued to the index writer and the object stored (its data
+        // written back first when the store flushes the file itself); the insert commits once the
+        // object is durable. A remote store's put follows on the async side. Each hand-off between
+        // threads costs a wake-up on the critical path of a C-STORE.
         let job = tokio::task::spawn_blocking(move || {
             let mut spooled = spooled;
             let step = || -> Result<Step, IngestError> {
@@ -397,8 +398,8 @@ fn read_header<R: Read + Seek>(reader: &mut R) -> Result<Header, IngestError> {
 /// Reads the header from the first bytes of an object still arriving, when they hold all of it
 /// (up to the pixel data element's header, every length checked against those bytes). `None` when
 /// they do not, or when anything is wrong: the parse of the whole object then decides.
-/// Also returns where the pixel data element starts.
-fn header_from_prefix(prefix: &[u8]) -> Option<(Header, u64)> {
+/// Also returns the pixel data element's header.
+fn header_from_prefix(prefix: &[u8]) -> Option<(Header, layout::PixelDataStart)> {
     let mut reader = std::io::Cursor::new(prefix);
     let (dataset_start, ts_uid) = read_meta(&mut reader).ok()?;
     let pixel_data = layout::pixel_data_start(&mut reader, dataset_start, &ts_uid)?;
@@ -406,11 +407,15 @@ fn header_from_prefix(prefix: &[u8]) -> Option<(Header, u64)> {
     Some((header, pixel_data))
 }
 
-/// The record of an object whose native pixel data starts at `pixel_data` in `prefix`, for the
-/// layout its header announces (see [`Forecast`]).
-fn forecast(header: &Header, prefix: &[u8], pixel_data: u64, key_suffix: &str) -> Option<Forecast> {
+/// The record of an object with native pixel data, for the layout its header announces (see
+/// [`Forecast`]).
+fn forecast(
+    header: &Header,
+    pixel_data: layout::PixelDataStart,
+    key_suffix: &str,
+) -> Option<Forecast> {
     let layout =
-        layout::native_layout_at(prefix, pixel_data, &header.ts_uid, &geometry(&header.obj))?;
+        layout::native_layout_forecast(&header.ts_uid, pixel_data.value?, &geometry(&header.obj))?;
     let uids = &header.uids;
     let key = instance_key(
         &uids.study_uid,
@@ -537,7 +542,7 @@ mod tests {
                         continue;
                     };
                     early_reads += 1;
-                    let forecast = forecast(&header, prefix, pixel_data, "key");
+                    let forecast = forecast(&header, pixel_data, "key");
                     forecasts += usize::from(forecast.is_some());
                     let key = |u: &ObjectUids| {
                         instance_key(&u.study_uid, &u.series_uid, &u.sop_instance_uid, "key")
@@ -580,7 +585,7 @@ mod tests {
         let bytes = std::fs::read(path).unwrap();
         let size = bytes.len() as u64;
         let (header, pixel_data) = header_from_prefix(&bytes[..8192]).unwrap();
-        let mut fc = forecast(&header, &bytes[..8192], pixel_data, "key").unwrap();
+        let mut fc = forecast(&header, pixel_data, "key").unwrap();
         assert!(matches!(fc.layout, Layout::Native { frames: 1, .. }));
         let key =
             |u: &ObjectUids| instance_key(&u.study_uid, &u.series_uid, &u.sop_instance_uid, "key");
@@ -600,7 +605,7 @@ mod tests {
         assert_eq!(used(header, fc), "forecast");
 
         let (header, pixel_data) = header_from_prefix(&bytes[..8192]).unwrap();
-        let mut fc = forecast(&header, &bytes[..8192], pixel_data, "key").unwrap();
+        let mut fc = forecast(&header, pixel_data, "key").unwrap();
         fc.record.instance.metadata_json = "forecast".into();
         fc.layout = Layout::Unavailable;
         assert!(used(header, fc).starts_with('{'));
