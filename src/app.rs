@@ -77,7 +77,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
     });
-    let router = http_router(web, &config.http.cors_allowed_origins);
+    let fhir = crate::fhir::start(&config.fhir, &config.http.bind, web.clone())?;
+    let router = http_router(web, fhir, &config.http.cors_allowed_origins);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
     tokio::select! {
@@ -106,7 +107,11 @@ async fn shutdown_signal() {
     }
 }
 
-fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
+fn http_router(
+    web: Arc<WebState>,
+    fhir: Option<Arc<crate::fhir::FhirState>>,
+    cors_origins: &[String],
+) -> Router {
     let health_state = web.clone();
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -120,8 +125,12 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
         .nest(
             dicomweb::ROOT,
             dicomweb::router(web).layer(axum::middleware::from_fn(audit_http)),
-        )
-        .layer(TraceLayer::new_for_http());
+        );
+    if let Some(fhir) = fhir {
+        router =
+            router.merge(crate::fhir::routes(fhir).layer(axum::middleware::from_fn(audit_http)));
+    }
+    router = router.layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
         let origins = if cors_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()

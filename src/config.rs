@@ -21,6 +21,7 @@ pub struct Config {
     pub index: IndexConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    pub fhir: FhirConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -136,6 +137,194 @@ pub struct S3Config {
     pub attempt_timeout_secs: u64,
     /// Attempts per request, the first included; transient errors are retried with backoff.
     pub max_attempts: u32,
+}
+
+/// How ImagingStudy.subject refers to the patient (`[fhir] subject`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectMode {
+    /// (a) A logical reference: the Patient ID as an identifier, with its system.
+    Identifier,
+    /// (b) A literal reference to this gateway's own `Patient/{id}`.
+    Local,
+    /// (c) A literal reference to the patient found on `patient_server` by identifier, cached;
+    /// (a) when that server is down or finds no one.
+    External,
+}
+
+/// What a push does once every instance of a study is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDelete {
+    /// Update the ImagingStudy with status `entered-in-error`.
+    EnteredInError,
+    /// Conditional delete (`DELETE ImagingStudy?identifier=...`).
+    Delete,
+}
+
+/// The FHIR R4 interface (`[fhir]`): served at `/fhir`, and optionally pushed to an EHR.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirConfig {
+    /// Serve `/fhir` and `/IHEInvokeImageDisplay`.
+    pub enabled: bool,
+    pub subject: SubjectMode,
+    /// Identifier system of a Patient ID whose Issuer of Patient ID has no entry in `issuer_systems`.
+    pub patient_id_system: String,
+    /// Issuer of Patient ID -> identifier system, e.g. `{ "HOSP_A" = "urn:oid:1.2.3.4" }`.
+    pub issuer_systems: std::collections::BTreeMap<String, String>,
+    /// Issuer of Accession Number (local namespace) -> identifier system.
+    pub accession_systems: std::collections::BTreeMap<String, String>,
+    /// Subject mode `external`: the FHIR base URL searched by `Patient?identifier=` (empty: the push
+    /// server).
+    pub patient_server: String,
+    pub patient_cache_ttl_secs: u64,
+    /// IID `requestType=STUDY`: viewer URL with `{study}` (Study Instance UID), `{patient}` and
+    /// `{dicomweb}` (the DICOMweb root); empty: the study's series in DICOMweb.
+    pub viewer_url: String,
+    /// IID `requestType=PATIENT`: URL with `{patient}` and `{dicomweb}`; empty: the patient's
+    /// studies in QIDO-RS.
+    pub viewer_patient_url: String,
+    /// Page size of a search without `_count`, and the largest `_count` honoured.
+    pub default_count: u64,
+    pub max_count: u64,
+    pub push: FhirPushConfig,
+}
+
+/// Pushing ImagingStudy to an EHR's FHIR server (`[fhir.push]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirPushConfig {
+    /// The server's FHIR base URL, e.g. `https://ehr.example.org/fhir`; empty: no push.
+    pub url: String,
+    /// A study is pushed once no instance arrived (or was deleted) for this many milliseconds.
+    pub stability_ms: u64,
+    pub on_delete: OnDelete,
+    /// Studies pushed at once by this gateway.
+    pub concurrency: usize,
+    pub timeout_secs: u64,
+    /// First retry delay; doubled per failed attempt (with jitter) up to `max_backoff_ms`.
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// How long a claimed study stays claimed by one gateway (a crashed gateway's claims expire).
+    pub lease_secs: u64,
+    /// How often the outbox is polled for stable studies.
+    pub poll_ms: u64,
+    pub auth: FhirAuthConfig,
+}
+
+/// Authentication to the push server (`[fhir.push.auth]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirAuthConfig {
+    /// `none`, `bearer` (static `token`) or `client_credentials` (OAuth 2.0, SMART Backend Services).
+    pub kind: String,
+    pub token: String,
+    pub token_url: String,
+    pub client_id: String,
+    /// Client secret (HTTP Basic); or, when `private_key_path` is set, a signed JWT assertion instead.
+    pub client_secret: String,
+    /// PEM private key for `private_key_jwt` client authentication.
+    pub private_key_path: String,
+    /// `RS384` (RSA key) or `ES384` (EC P-384 key).
+    pub jwt_alg: String,
+    /// `kid` header of the assertion (the key's id in the client's JWKS).
+    pub jwt_kid: String,
+    pub scope: String,
+    /// Tokens are refreshed this many seconds before they expire.
+    pub refresh_before_secs: u64,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
+        FhirConfig {
+            enabled: true,
+            subject: SubjectMode::Identifier,
+            patient_id_system: "urn:dicom:patient-id".into(),
+            issuer_systems: Default::default(),
+            accession_systems: Default::default(),
+            patient_server: String::new(),
+            patient_cache_ttl_secs: 300,
+            viewer_url: String::new(),
+            viewer_patient_url: String::new(),
+            default_count: 50,
+            max_count: 1000,
+            push: FhirPushConfig::default(),
+        }
+    }
+}
+
+impl Default for FhirPushConfig {
+    fn default() -> Self {
+        FhirPushConfig {
+            url: String::new(),
+            stability_ms: 60_000,
+            on_delete: OnDelete::EnteredInError,
+            concurrency: 4,
+            timeout_secs: 30,
+            initial_backoff_ms: 2_000,
+            max_backoff_ms: 600_000,
+            lease_secs: 120,
+            poll_ms: 1_000,
+            auth: FhirAuthConfig::default(),
+        }
+    }
+}
+
+impl Default for FhirAuthConfig {
+    fn default() -> Self {
+        FhirAuthConfig {
+            kind: "none".into(),
+            token: String::new(),
+            token_url: String::new(),
+            client_id: String::new(),
+            client_secret: String::new(),
+            private_key_path: String::new(),
+            jwt_alg: "RS384".into(),
+            jwt_kid: String::new(),
+            scope: "system/ImagingStudy.write".into(),
+            refresh_before_secs: 60,
+        }
+    }
+}
+
+impl FhirConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.default_count == 0 || self.max_count < self.default_count {
+            bail!("fhir.default_count must be at least 1 and at most fhir.max_count");
+        }
+        let push = &self.push;
+        if push.concurrency == 0 || push.lease_secs == 0 || push.poll_ms == 0 {
+            bail!("fhir.push.concurrency, lease_secs and poll_ms must be at least 1");
+        }
+        let auth = &push.auth;
+        match auth.kind.as_str() {
+            "none" => {}
+            "bearer" if !auth.token.is_empty() => {}
+            "bearer" => bail!("fhir.push.auth.kind = \"bearer\" needs fhir.push.auth.token"),
+            "client_credentials" => {
+                if auth.token_url.is_empty() || auth.client_id.is_empty() {
+                    bail!("fhir.push.auth client_credentials needs token_url and client_id");
+                }
+                if auth.client_secret.is_empty() == auth.private_key_path.is_empty() {
+                    bail!("fhir.push.auth client_credentials needs client_secret or private_key_path (one of them)");
+                }
+                if !matches!(auth.jwt_alg.as_str(), "RS384" | "ES384") {
+                    bail!("fhir.push.auth.jwt_alg must be RS384 or ES384");
+                }
+            }
+            other => bail!(
+                "fhir.push.auth.kind {other:?} is not one of none, bearer, client_credentials"
+            ),
+        }
+        if self.subject == SubjectMode::External
+            && self.patient_server.is_empty()
+            && push.url.is_empty()
+        {
+            bail!("fhir.subject = \"external\" needs fhir.patient_server (or fhir.push.url)");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +488,7 @@ impl Config {
         if !self.index.url.starts_with("sqlite:") {
             bail!("index.url must be a sqlite:// URL");
         }
+        self.fhir.validate()?;
         Ok(())
     }
 
@@ -448,6 +638,12 @@ mod tests {
         assert_eq!(c.dimse.on_duplicate, d.dimse.on_duplicate);
         assert_eq!(c.storage.s3, d.storage.s3);
         assert_eq!(c.dimse.peers, d.dimse.peers);
+        assert_eq!(c.fhir.subject, d.fhir.subject);
+        assert_eq!(c.fhir.patient_id_system, d.fhir.patient_id_system);
+        assert_eq!(c.fhir.push.url, d.fhir.push.url);
+        assert_eq!(c.fhir.push.stability_ms, d.fhir.push.stability_ms);
+        assert_eq!(c.fhir.push.on_delete, d.fhir.push.on_delete);
+        assert_eq!(c.fhir.push.auth.kind, d.fhir.push.auth.kind);
         c.validate().unwrap();
     }
 }

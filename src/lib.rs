@@ -8,6 +8,7 @@
 //! - [`index`]: the metadata index (SQLite) and the matching engine;
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
+//! - [`fhir`]: FHIR R4 ImagingStudy served from the index and pushed to an EHR;
 //! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
@@ -15,6 +16,7 @@ pub mod app;
 pub mod config;
 pub mod dicomweb;
 pub mod dimse;
+pub mod fhir;
 pub mod index;
 pub mod ingest;
 pub mod model;

@@ -10,6 +10,8 @@
 //! and rows are deleted before their objects, so the index never points at a missing object.
 
 mod backfill;
+pub mod fhir;
+pub mod outbox;
 pub mod query;
 pub mod record;
 pub mod temporal;
@@ -138,6 +140,11 @@ impl Index {
     /// Deletes the rows of the instances in `scope` in one transaction; returns their storage keys.
     pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
         self.writer.delete(scope).await
+    }
+
+    /// FHIR push bookkeeping through the index writer (claims, completions, retries, parking).
+    pub async fn outbox(&self, op: outbox::OutboxOp) -> Result<Vec<outbox::Claimed>, WriteError> {
+        self.writer.outbox(op).await
     }
 
     /// The storage key the index holds for an instance.

@@ -19,6 +19,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use super::outbox::{self, Claimed, OutboxOp};
 use super::record::InstanceRecord;
 use super::INSTANCES_IN_SCOPE;
 
@@ -86,12 +87,15 @@ enum Op {
         replace: bool,
     },
     Delete(Scope),
+    /// FHIR push bookkeeping (`outbox`).
+    Outbox(OutboxOp),
 }
 
 enum Done {
     Inserted(InsertOutcome),
     /// The storage keys of the instances whose rows were deleted.
     Deleted(Vec<String>),
+    Outbox(Vec<Claimed>),
 }
 
 type Reply = oneshot::Sender<Result<Done, WriteError>>;
@@ -123,7 +127,7 @@ impl PendingInsert {
     pub fn wait_blocking(self) -> Result<InsertOutcome, WriteError> {
         match self.0.blocking_recv().map_err(|_| WriteError::Stopped)?? {
             Done::Inserted(outcome) => Ok(outcome),
-            Done::Deleted(_) => unreachable!("an insert answered as a deletion"),
+            _ => unreachable!("an insert answered as something else"),
         }
     }
 }
@@ -197,7 +201,7 @@ impl WriterHandle {
         };
         match self.send(op).await? {
             Done::Inserted(outcome) => Ok(outcome),
-            Done::Deleted(_) => unreachable!("an insert answered as a deletion"),
+            _ => unreachable!("an insert answered as something else"),
         }
     }
 
@@ -206,7 +210,15 @@ impl WriterHandle {
     pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
         match self.send(Op::Delete(scope)).await? {
             Done::Deleted(keys) => Ok(keys),
-            Done::Inserted(_) => unreachable!("a deletion answered as an insert"),
+            _ => unreachable!("a deletion answered as something else"),
+        }
+    }
+
+    /// Applies a FHIR push bookkeeping operation; a claim returns the studies claimed.
+    pub async fn outbox(&self, op: OutboxOp) -> Result<Vec<Claimed>, WriteError> {
+        match self.send(Op::Outbox(op)).await? {
+            Done::Outbox(claimed) => Ok(claimed),
+            _ => unreachable!("an outbox operation answered as something else"),
         }
     }
 
@@ -268,6 +280,7 @@ fn apply(conn: &Connection, op: &Op) -> Result<Done, WriteError> {
     match op {
         Op::Insert { record, replace } => insert(conn, record, *replace).map(Done::Inserted),
         Op::Delete(scope) => delete(conn, scope).map(Done::Deleted),
+        Op::Outbox(op) => Ok(Done::Outbox(outbox::apply(conn, op)?)),
     }
 }
 
@@ -478,6 +491,7 @@ fn insert(
     if series_instances == 1 {
         refresh_study_counts(conn, study_pk)?;
     }
+    outbox::touch_inserted(conn, r)?;
     Ok(outcome)
 }
 
@@ -492,6 +506,9 @@ fn delete(conn: &Connection, scope: &Scope) -> Result<Vec<String>, WriteError> {
     let mut keys = Vec::with_capacity(uids.len());
     for uid in uids {
         keys.extend(remove(conn, &uid)?);
+    }
+    if !keys.is_empty() {
+        outbox::touch_deleted(conn, &scope.study_uid)?;
     }
     Ok(keys)
 }
