@@ -21,6 +21,7 @@ pub struct Config {
     pub index: IndexConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    pub viewer: ViewerConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -97,6 +98,8 @@ pub struct HttpConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Answer DICOMweb DELETE of studies, series and instances (405 when false).
     pub allow_delete: bool,
+    /// gzip DICOM JSON answers (QIDO, metadata) for clients that accept it.
+    pub compression: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +170,22 @@ impl RuntimeConfig {
     }
 }
 
+/// The OHIF viewer served at `/viewer/` (fetched by `scripts/fetch-viewer`, never committed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewerConfig {
+    /// Directory holding OHIF's built `dist/` (its `index.html` at the top).
+    pub dir: PathBuf,
+}
+
+impl Default for ViewerConfig {
+    fn default() -> Self {
+        ViewerConfig {
+            dir: PathBuf::from("data/viewer"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -200,6 +219,7 @@ impl Default for HttpConfig {
             public_url: String::new(),
             cors_allowed_origins: vec!["*".into()],
             allow_delete: false,
+            compression: true,
         }
     }
 }
