@@ -93,9 +93,13 @@ def small_stream(port: int, stop: threading.Event, out: list[tuple[float, float]
         while not stop.is_set() and (count is None or n < count):
             n += 1
             ds = small_dataset(study, series, n)
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             t0 = time.monotonic()
             status = assoc.send_c_store(ds)
             t1 = time.monotonic()
+            if "Status" not in status:
+                raise RuntimeError("small C-STORE: no response (association aborted or timed out)")
             if int(status.Status) != 0:
                 raise RuntimeError(f"small C-STORE failed: {status.Status:#06x}")
             out.append((t0, t1 - t0))
@@ -110,6 +114,9 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--idle-stores", type=int, default=500)
     ap.add_argument("--work-root", default=None, help="where the gateway's data and the big file go")
+    ap.add_argument("--big-file", default=None, help="the large object: reused if it exists, else written "
+                    "there and kept (default: written into the work directory and removed)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (gateway log, data)")
     ap.add_argument("--out", default=str(BENCH_DIR / "results-hol.json"))
     args = ap.parse_args()
     if args.gateway_unavailable:
@@ -122,11 +129,12 @@ def main() -> int:
         "DICOMGW_DIMSE__BIND": f"127.0.0.1:{port}", "DICOMGW_HTTP__BIND": f"127.0.0.1:{http}",
         "DICOMGW_STORAGE__PATH": str(work / "data" / "objects"),
         "DICOMGW_INDEX__URL": f"sqlite://{work / 'data' / 'index.db'}",
-        "RUST_LOG": "warn",
+        "RUST_LOG": "info",
     })
-    big = work / "big.dcm"
-    print(f"writing a {args.size_gb} GB object to {big}", file=sys.stderr)
-    write_big_object(big, int(args.size_gb * (1 << 30)))
+    big = Path(args.big_file) if args.big_file else work / "big.dcm"
+    if not big.exists():
+        print(f"writing a {args.size_gb} GB object to {big}", file=sys.stderr)
+        write_big_object(big, int(args.size_gb * (1 << 30)))
     log = open(work / "gateway.log", "wb")
     gw = subprocess.Popen([args.gateway_bin, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -167,9 +175,15 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     finally:
-        gw.terminate()
-        gw.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep and sys.exc_info()[0] is not None:
+            print(f"error: gateway pid {gw.pid} left running for inspection", file=sys.stderr)
+        else:
+            gw.terminate()
+            gw.wait(30)
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
