@@ -8,6 +8,7 @@
 //! - [`index`]: the metadata index (SQLite) and the matching engine;
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
+//! - [`render`]: frames decoded and rendered as JPEG / PNG / GIF (rendered, thumbnails, WADO-URI);
 //! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
@@ -19,6 +20,7 @@ pub mod index;
 pub mod ingest;
 pub mod model;
 pub mod reindex;
+pub mod render;
 pub mod storage;
 
 /// Implementation Class UID written in the file meta of objects we receive (a 2.25 UUID-derived UID).
