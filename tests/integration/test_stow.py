@@ -11,9 +11,11 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 
+from conftest import BACKENDS, backend_env
 from gw_qr import CT_IMAGE, findscu, instance, peers_env
 from gw_samples import by_ts, file_meta_bytes, from_dataset, small_ct, unique_corpus
-from gw_web import client, get, text, value, values
+from gw_s3 import stored_keys
+from gw_web import client, text, value, values
 
 HTTP_TIMEOUT = 60
 DICOM_JSON = "application/dicom+json"
@@ -305,6 +307,35 @@ def test_duplicate_replaces_when_configured(gateway_factory):
     assert not values(referenced(resp)[0], "WarningReason")
     got = client(gw).retrieve_instance(st["uid"], se["uid"], first.sop_uid)
     assert got.ImageComments == "second"
+
+
+# -- both storage backends ---------------------------------------------------------------------------------
+@pytest.fixture(params=BACKENDS)
+def backend_gateway(request, gateway_factory):
+    return gateway_factory(env=backend_env(request))
+
+
+def test_instances_of_every_size_are_stored_on_each_backend(backend_gateway):
+    """Objects below, across and well above ingest's 256 KB buffer and 1 MB in-memory limit, in one request, on
+    the filesystem and on S3 (Garage); then a request cut inside a part adds no object."""
+    gw = backend_gateway
+    st = study("b")
+    se = series(st)
+    samples = [instance(st, se, n, pixels=px) for n, px in enumerate((16, 400, 800, 1300), start=1)]
+    resp = post(gw, body([s.part10() for s in samples]))
+    assert resp.status_code == 200, resp.text
+    assert [text(r, "ReferencedSOPInstanceUID") for r in referenced(resp)] == [s.sop_uid for s in samples]
+    c = client(gw)
+    for s in samples:
+        assert c.retrieve_instance(st["uid"], se["uid"], s.sop_uid).PixelData == s.ds.PixelData
+    keys = stored_keys(gw)
+    assert len(keys) == len(samples)
+    cut = instance(st, se, 9, pixels=900)
+    data = body([cut.part10()], close=False)[:-1000]
+    resp = post(gw, (data[i:i + 65536] for i in range(0, len(data), 65536)))
+    assert resp.status_code == 400
+    assert stored_keys(gw) == keys
+    assert not indexed(gw, cut.sop_uid)
 
 
 # -- size ---------------------------------------------------------------------------------------------------

@@ -94,11 +94,6 @@ where
         }
     }
 
-    /// Bytes of the body received so far.
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
     fn delimiter_len(&self) -> usize {
         self.delimiter.needle().len()
     }
