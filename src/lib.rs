@@ -8,6 +8,7 @@
 //! - [`index`]: the metadata index (SQLite) and the matching engine;
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
+//! - [`render`]: frames decoded and rendered as JPEG / PNG / GIF (rendered, thumbnails, WADO-URI);
 //! - [`transcode`]: decompressing and re-encoding pixel data on retrieve (WADO-RS, C-MOVE / C-GET);
 //! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
@@ -20,6 +21,7 @@ pub mod index;
 pub mod ingest;
 pub mod model;
 pub mod reindex;
+pub mod render;
 pub mod storage;
 pub mod transcode;
 
