@@ -101,6 +101,9 @@ pub struct HttpConfig {
     pub allow_delete: bool,
     /// gzip DICOM JSON answers (QIDO, metadata) for clients that accept it.
     pub compression: bool,
+    /// Largest STOW-RS request body, in bytes (413 above); each instance in it is also held to
+    /// `[dimse] max_object_size`.
+    pub max_stow_size: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +224,7 @@ impl Default for HttpConfig {
             cors_allowed_origins: vec!["*".into()],
             allow_delete: false,
             compression: true,
+            max_stow_size: 64 << 30,
         }
     }
 }
