@@ -109,6 +109,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
+        renderer: Arc::new(crate::render::Renderer::new(
+            config.render.concurrency(),
+            config.render.thumbnail_size,
+        )),
     });
     let router = http_router(web, &config.http.cors_allowed_origins);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
@@ -156,6 +160,7 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
                 async move { readiness(&state).await }
             }),
         )
+        .merge(dicomweb::wado_uri_router(web.clone()).layer(axum::middleware::from_fn(audit_http)))
         .nest(
             dicomweb::ROOT,
             dicomweb::router(web).layer(axum::middleware::from_fn(audit_http)),

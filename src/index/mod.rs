@@ -233,6 +233,72 @@ impl Index {
             .collect())
     }
 
+    /// The instance that stands for a study or series in rendered images and thumbnails: the middle
+    /// instance (by Instance Number) of the first series (in retrieve order) that has images.
+    pub async fn representative_instance(
+        &self,
+        study_uid: &str,
+        series_uid: Option<&str>,
+    ) -> sqlx::Result<Option<StoredInstance>> {
+        let row = sqlx::query(
+            "WITH chosen AS (
+                 SELECT se.series_pk FROM series se JOIN studies st ON st.study_pk = se.study_pk
+                 WHERE st.study_uid = ?1 AND (?2 IS NULL OR se.series_uid = ?2)
+                   AND EXISTS (SELECT 1 FROM instances i
+                               WHERE i.series_pk = se.series_pk AND i.rows IS NOT NULL)
+                 ORDER BY se.series_number, se.series_pk LIMIT 1)
+             SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
+                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout
+             FROM instances i
+             JOIN series se ON se.series_pk = i.series_pk
+             JOIN studies st ON st.study_pk = i.study_pk
+             WHERE i.series_pk = (SELECT series_pk FROM chosen) AND i.rows IS NOT NULL
+             ORDER BY i.instance_number, i.instance_pk
+             LIMIT 1 OFFSET (SELECT COUNT(*) / 2 FROM instances
+                             WHERE series_pk = (SELECT series_pk FROM chosen) AND rows IS NOT NULL)",
+        )
+        .bind(study_uid)
+        .bind(series_uid)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|r| StoredInstance {
+            study_uid: r.get(0),
+            series_uid: r.get(1),
+            sop_instance_uid: r.get(2),
+            sop_class_uid: r.get(3),
+            transfer_syntax_uid: r.get(4),
+            storage_key: r.get(5),
+            size_bytes: r.get::<i64, _>(6) as u64,
+            frame_layout: r.get(7),
+        }))
+    }
+
+    /// A cached thumbnail of the stored copy `storage_key` (see `render::thumbnail`).
+    pub async fn thumbnail(
+        &self,
+        storage_key: &str,
+        variant: &str,
+    ) -> sqlx::Result<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT image FROM thumbnails WHERE storage_key = ? AND variant = ?")
+            .bind(storage_key)
+            .bind(variant)
+            .fetch_optional(&self.read)
+            .await
+    }
+
+    /// Caches a thumbnail; only ingest calls this (`Ingestor::cache_thumbnail`).
+    pub async fn cache_thumbnail(
+        &self,
+        sop_instance_uid: &str,
+        storage_key: &str,
+        variant: &str,
+        image: Vec<u8>,
+    ) -> Result<(), WriteError> {
+        self.writer
+            .cache_thumbnail(sop_instance_uid, storage_key, variant, image)
+            .await
+    }
+
     /// Every storage key the index refers to (for reconciliation with storage).
     pub async fn all_storage_keys(&self) -> sqlx::Result<Vec<String>> {
         sqlx::query_scalar("SELECT storage_key FROM instances")

@@ -86,12 +86,20 @@ enum Op {
         replace: bool,
     },
     Delete(Scope),
+    /// A rendered thumbnail, kept while its instance row still holds `storage_key`.
+    CacheThumbnail {
+        sop_instance_uid: String,
+        storage_key: String,
+        variant: String,
+        image: Vec<u8>,
+    },
 }
 
 enum Done {
     Inserted(InsertOutcome),
     /// The storage keys of the instances whose rows were deleted.
     Deleted(Vec<String>),
+    Cached,
 }
 
 type Reply = oneshot::Sender<Result<Done, WriteError>>;
@@ -123,7 +131,7 @@ impl PendingInsert {
     pub fn wait_blocking(self) -> Result<InsertOutcome, WriteError> {
         match self.0.blocking_recv().map_err(|_| WriteError::Stopped)?? {
             Done::Inserted(outcome) => Ok(outcome),
-            Done::Deleted(_) => unreachable!("an insert answered as a deletion"),
+            _ => unreachable!("an insert answered as something else"),
         }
     }
 }
@@ -221,7 +229,7 @@ impl WriterHandle {
         };
         match self.send(op).await? {
             Done::Inserted(outcome) => Ok(outcome),
-            Done::Deleted(_) => unreachable!("an insert answered as a deletion"),
+            _ => unreachable!("an insert answered as something else"),
         }
     }
 
@@ -230,8 +238,26 @@ impl WriterHandle {
     pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
         match self.send(Op::Delete(scope)).await? {
             Done::Deleted(keys) => Ok(keys),
-            Done::Inserted(_) => unreachable!("a deletion answered as an insert"),
+            _ => unreachable!("a deletion answered as something else"),
         }
+    }
+
+    /// Caches a thumbnail of the stored copy `storage_key` of an instance (ignored if one is
+    /// cached already, or if the instance no longer has that copy).
+    pub async fn cache_thumbnail(
+        &self,
+        sop_instance_uid: &str,
+        storage_key: &str,
+        variant: &str,
+        image: Vec<u8>,
+    ) -> Result<(), WriteError> {
+        let op = Op::CacheThumbnail {
+            sop_instance_uid: sop_instance_uid.to_string(),
+            storage_key: storage_key.to_string(),
+            variant: variant.to_string(),
+            image,
+        };
+        self.send(op).await.map(|_| ())
     }
 
     /// Queues an insert that commits only once the returned gate is opened (blocking: called from
@@ -319,6 +345,20 @@ fn apply(conn: &Connection, op: &Op) -> Result<Done, WriteError> {
     match op {
         Op::Insert { record, replace } => insert(conn, record, *replace).map(Done::Inserted),
         Op::Delete(scope) => delete(conn, scope).map(Done::Deleted),
+        Op::CacheThumbnail {
+            sop_instance_uid,
+            storage_key,
+            variant,
+            image,
+        } => {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO thumbnails (storage_key, variant, image)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS
+                    (SELECT 1 FROM instances WHERE sop_instance_uid = ?4 AND storage_key = ?1)",
+            )?
+            .execute(params![storage_key, variant, image, sop_instance_uid])?;
+            Ok(Done::Cached)
+        }
     }
 }
 

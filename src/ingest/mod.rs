@@ -18,6 +18,7 @@ pub mod extract;
 mod inflate;
 pub mod layout;
 pub mod spool;
+mod thumbnail;
 
 use std::io::{Read, Seek};
 use std::path::PathBuf;
