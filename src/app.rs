@@ -1,9 +1,11 @@
 //! Wiring: opens storage and index, recovers from an interrupted previous run, and serves DIMSE and
-//! HTTP until SIGINT/SIGTERM.
+//! HTTP until SIGINT/SIGTERM; then closes the listeners and lets the work in progress finish within
+//! `[runtime] shutdown_grace_secs`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{ConnectInfo, Request};
@@ -11,16 +13,17 @@ use axum::http::{HeaderName, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use futures::TryStreamExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::dicomweb::{self, WebState};
 use crate::dimse;
+use crate::http_server;
 use crate::index::Index;
 use crate::ingest::{spool, Ingestor};
 use crate::storage::{self, ObjectStore};
@@ -63,11 +66,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(&config.http.bind)
         .await
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
         index: index.clone(),
         store: store.clone(),
+        shutdown: stopping.clone(),
     });
     let web = Arc::new(WebState {
         index,
@@ -76,25 +81,51 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
+        qido_default_limit: config.http.qido_default_limit,
+        qido_max_limit: config.http.qido_max_limit,
     });
-    let router = http_router(web, &config.http.cors_allowed_origins);
+    let router = http_server::with_limits(
+        http_router(web, &config.http.cors_allowed_origins),
+        &config.http,
+    );
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
+    // Every association holds a slot until it ends: on shutdown, all slots back means all done.
+    let slots = Arc::new(Semaphore::new(config.dimse.max_associations));
+    let mut dimse_task = tokio::spawn(dimse::serve(dimse_listener, dimse_ctx, slots.clone()));
+    let http_config = config.http.clone();
+    let mut http_task = tokio::spawn(async move {
+        http_server::serve(http_listener, router, &http_config, stopping).await
+    });
     tokio::select! {
-        r = dimse::serve(dimse_listener, dimse_ctx) => r,
-        r = axum::serve(
-            // Responses are written in pieces; without TCP_NODELAY the last piece waits for the
-            // client's delayed ACK (~40 ms on Linux).
-            http_listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        ) => r.map_err(Into::into),
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+        r = &mut dimse_task => return r?,
+        r = &mut http_task => return r?,
+        _ = shutdown_signal() => {}
     }
+    // Drain: no new associations or connections; what is in progress finishes within the grace
+    // period (a C-STORE being received is received, stored and answered; an association between
+    // messages is aborted, a keep-alive connection between requests closed).
+    let grace = Duration::from_secs(config.runtime.shutdown_grace_secs);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: finishing work in progress"
+    );
+    let _ = stop.send(true);
+    let all_slots = u32::try_from(config.dimse.max_associations).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = dimse_task.await;
+        let _ = slots.acquire_many(all_slots).await;
+        let _ = http_task.await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("shut down: all associations and requests finished"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shut down: work still in progress after the grace period was cut off"
+        ),
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

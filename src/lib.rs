@@ -8,13 +8,15 @@
 //! - [`index`]: the metadata index (SQLite) and the matching engine;
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
-//! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
+//! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
+//!   [`config`]: configuration;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
 pub mod config;
 pub mod dicomweb;
 pub mod dimse;
+pub mod http_server;
 pub mod index;
 pub mod ingest;
 pub mod model;

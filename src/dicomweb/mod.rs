@@ -39,6 +39,9 @@ pub struct WebState {
     pub public_url: String,
     /// The port we listen on, for a Host header that names no port (some clients omit it).
     pub listen_port: u16,
+    /// QIDO-RS page size without `limit`, and the largest `limit` honoured.
+    pub qido_default_limit: u64,
+    pub qido_max_limit: u64,
 }
 
 impl WebState {
