@@ -109,7 +109,11 @@ fn is_standard_uid(uid: &str) -> bool {
 
 /// Checks a decoded A-ASSOCIATE-RQ.
 pub fn check(rq: &AssociationRQ, config: &DimseConfig) -> Proposal {
-    if let Some(pc) = rq.presentation_contexts.iter().find(|pc| pc.id % 2 == 0) {
+    if let Some(pc) = rq
+        .presentation_contexts
+        .iter()
+        .find(|pc| pc.id.is_multiple_of(2))
+    {
         return Proposal::Invalid(format!(
             "presentation context ID {} is not an odd number (PS3.8 9.3.2.2)",
             pc.id
