@@ -1,9 +1,11 @@
 //! Wiring: opens storage and index, recovers from an interrupted previous run, and serves DIMSE and
-//! HTTP until SIGINT/SIGTERM.
+//! HTTP until SIGINT/SIGTERM; then closes the listeners and lets the work in progress finish within
+//! `[runtime] shutdown_grace_secs`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{ConnectInfo, Request};
@@ -12,10 +14,10 @@ use axum::http::{Extensions, HeaderMap, HeaderName, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use futures::TryStreamExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
@@ -24,6 +26,7 @@ use tower_http::CompressionLevel;
 use crate::config::{Config, HttpConfig};
 use crate::dicomweb::{self, WebState};
 use crate::dimse;
+use crate::http_server;
 use crate::index::Index;
 use crate::ingest::{spool, Ingestor};
 use crate::storage::{self, ObjectStore};
@@ -99,12 +102,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(&config.http.bind)
         .await
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let store_for_close = store.clone();
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
         index: index.clone(),
         store: store.clone(),
+        shutdown: stopping.clone(),
     });
     let web = Arc::new(WebState {
         index,
@@ -118,6 +123,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             max_object_size: config.dimse.max_object_size,
             accept_private_sop_classes: config.dimse.accept_private_sop_classes,
         },
+        qido_default_limit: config.http.qido_default_limit,
+        qido_max_limit: config.http.qido_max_limit,
         renderer: Arc::new(crate::render::Renderer::new(
             config.render.concurrency(),
             config.render.thumbnail_size,
@@ -136,30 +143,50 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         viewer::PREFIX,
         public_root.as_deref(),
     ));
-    let router = http_router(web, ohif, &config.http);
+    let router = http_server::with_limits(http_router(web, ohif, &config.http), &config.http);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
-    let result = tokio::select! {
-        r = dimse::serve(dimse_listener, dimse_ctx) => r,
-        r = axum::serve(
-            // Responses are written in pieces; without TCP_NODELAY the last piece waits for the
-            // client's delayed ACK (~40 ms on Linux).
-            http_listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        ) => r.map_err(Into::into),
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
-    };
+    // Every association holds a slot until it ends: on shutdown, all slots back means all done.
+    let slots = Arc::new(Semaphore::new(config.dimse.max_associations));
+    let mut dimse_task = tokio::spawn(dimse::serve(dimse_listener, dimse_ctx, slots.clone()));
+    let http_config = config.http.clone();
+    let mut http_task = tokio::spawn(async move {
+        http_server::serve(http_listener, router, &http_config, stopping).await
+    });
+    tokio::select! {
+        r = &mut dimse_task => return r?,
+        r = &mut http_task => return r?,
+        _ = shutdown_signal() => {}
+    }
+    // Drain: no new associations or connections; what is in progress finishes within the grace
+    // period (a C-STORE being received is received, stored and answered; an association between
+    // messages is aborted, a keep-alive connection between requests closed).
+    let grace = Duration::from_secs(config.runtime.shutdown_grace_secs);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: finishing work in progress"
+    );
+    let _ = stop.send(true);
+    let all_slots = u32::try_from(config.dimse.max_associations).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = dimse_task.await;
+        let _ = slots.acquire_many(all_slots).await;
+        let _ = http_task.await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("shut down: all associations and requests finished"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shut down: work still in progress after the grace period was cut off"
+        ),
+    }
     // A clean stop leaves the next start nothing to reconcile (if no store is still in flight).
     let closed = tokio::task::spawn_blocking(move || store_for_close.close()).await;
     if let Ok(Err(e)) = closed {
         tracing::warn!(error = %e, "storage not closed cleanly: the next start reconciles");
     }
-    result
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -11,13 +11,15 @@
 //! - [`viewer`]: what a browser opens: the study browser at `/`, study downloads, OHIF at `/viewer/`;
 //! - [`render`]: frames decoded and rendered as JPEG / PNG / GIF (rendered, thumbnails, WADO-URI);
 //! - [`transcode`]: decompressing and re-encoding pixel data on retrieve (WADO-RS, C-MOVE / C-GET);
-//! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
+//! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
+//!   [`config`]: configuration;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
 pub mod config;
 pub mod dicomweb;
 pub mod dimse;
+pub mod http_server;
 pub mod index;
 pub mod ingest;
 pub mod model;

@@ -47,6 +47,9 @@ pub struct WebState {
     /// The port we listen on, for a Host header that names no port (some clients omit it).
     pub listen_port: u16,
     pub stow: stow::StowConfig,
+    /// QIDO-RS page size without `limit`, and the largest `limit` honoured.
+    pub qido_default_limit: u64,
+    pub qido_max_limit: u64,
     /// Rendered images, thumbnails and WADO-URI images.
     pub renderer: Arc<Renderer>,
 }

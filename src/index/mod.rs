@@ -3,6 +3,7 @@
 //!
 //! - [`writer`]: the single writer task; batches concurrent inserts into one transaction (group commit).
 //! - [`query`]: the matching engine shared by QIDO-RS (and C-FIND): query model -> SQL.
+//! - [`results`]: the result layer they share: each level's rows and the attributes they answer.
 //! - [`record`]: what ingest hands to the index for one instance.
 //! - [`temporal`]: DA, TM and DT values normalised for storage and range matching.
 //!
@@ -12,6 +13,7 @@
 mod backfill;
 pub mod query;
 pub mod record;
+pub mod results;
 pub mod temporal;
 mod writer;
 

@@ -207,6 +207,33 @@ pub fn element_from_json(tag: Tag, json: &serde_json::Value) -> Option<InMemElem
     Some(InMemElement::new(tag, vr, value))
 }
 
+/// The DICOM JSON key of a tag: 8 uppercase hex digits.
+pub fn tag_key(tag: Tag) -> String {
+    format!("{:04X}{:04X}", tag.group(), tag.element())
+}
+
+/// An element without a value: `{"vr": ..}` (a requested attribute the object does not have).
+pub fn empty_element(vr: VR) -> serde_json::Value {
+    serde_json::json!({ "vr": vr.to_string() })
+}
+
+/// A text element (CS, UI, AE, UR...) of `values`; without values, an empty element.
+pub fn text_element(vr: VR, values: &[&str]) -> serde_json::Value {
+    if values.is_empty() {
+        return empty_element(vr);
+    }
+    serde_json::json!({ "vr": vr.to_string(), "Value": values })
+}
+
+/// A one-number element (IS, US, UL...; PS3.18 F.2.3: IS and DS are JSON numbers); without a
+/// value, an empty element.
+pub fn number_element(vr: VR, value: Option<i64>) -> serde_json::Value {
+    match value {
+        Some(n) => serde_json::json!({ "vr": vr.to_string(), "Value": [n] }),
+        None => empty_element(vr),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Internals
 // ---------------------------------------------------------------------------------------------
