@@ -276,7 +276,7 @@ impl Default for IndexConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            level: "info".into(),
+            level: "info,jpeg2k=warn".into(),
         }
     }
 }

@@ -116,7 +116,9 @@ impl Index {
         &self.read
     }
 
-    /// Commits one instance (creating its study and series as needed) and returns once durable.
+    /// Commits one instance (creating its study and series as needed). The commit survives a crash
+    /// of the process at once, a power loss once flushed: at once when it replaced an instance,
+    /// otherwise by [`Index::sync_blocking`] (the storage calls it before it forgets the key).
     pub async fn insert(
         &self,
         record: InstanceRecord,
@@ -135,7 +137,24 @@ impl Index {
         self.writer.insert_gated_blocking(record, replace)
     }
 
-    /// Deletes the rows of the instances in `scope` in one transaction; returns their storage keys.
+    /// Makes every commit so far durable (blocking).
+    pub fn sync_blocking(&self) -> std::io::Result<()> {
+        writer::sync_wal(&self.path)
+    }
+
+    /// The storage key the index holds for an instance, from blocking code (as
+    /// [`Index::instance_exists_blocking`]).
+    pub fn storage_key_blocking(&self, sop_instance_uid: &str) -> rusqlite::Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        self.with_blocking_reader(|conn| {
+            conn.prepare_cached("SELECT storage_key FROM instances WHERE sop_instance_uid = ?")?
+                .query_row([sop_instance_uid], |row| row.get(0))
+                .optional()
+        })
+    }
+
+    /// Deletes the rows of the instances in `scope` in one transaction (flushed); returns their
+    /// storage keys.
     pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
         self.writer.delete(scope).await
     }
@@ -151,7 +170,14 @@ impl Index {
     /// Whether an instance is indexed, from blocking code (ingest's parse task): a query on this
     /// thread's own read-only connection instead of two hand-offs to sqlx's worker thread.
     pub fn instance_exists_blocking(&self, sop_instance_uid: &str) -> rusqlite::Result<bool> {
-        use rusqlite::OptionalExtension;
+        Ok(self.storage_key_blocking(sop_instance_uid)?.is_some())
+    }
+
+    /// Runs `f` on this thread's read-only connection (opened on first use).
+    fn with_blocking_reader<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
         BLOCKING_READER.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(p, _)| p != self.path.as_path()) {
@@ -164,11 +190,7 @@ impl Index {
                 *slot = Some((self.path.as_ref().clone(), conn));
             }
             let (_, conn) = slot.as_ref().expect("connection just opened");
-            let found = conn
-                .prepare_cached("SELECT 1 FROM instances WHERE sop_instance_uid = ?")?
-                .query_row([sop_instance_uid], |_| Ok(()))
-                .optional()?;
-            Ok(found.is_some())
+            f(conn)
         })
     }
 
