@@ -1,9 +1,8 @@
 //! WADO-URI (PS3.18 9, the URI service): `GET /wado?requestType=WADO&studyUID=..&seriesUID=..&
 //! objectUID=..`, mounted at the server root.
 //!
-//! `contentType` (a list, first supported wins): `application/dicom` (as stored, or re-encoded to
-//! Explicit VR Little Endian from another native encoding when `transferSyntax` asks for it; any
-//! other syntax 406), `image/jpeg` (the default for an object with pixel data; objects without are
+//! `contentType` (a list, first supported wins): `application/dicom` (as stored, or in the
+//! `transferSyntax` asked for through the transcoder; 406 for what it cannot produce), `image/jpeg` (the default for an object with pixel data; objects without are
 //! sent as `application/dicom`), `image/png`, `image/gif`. Image parameters: `frameNumber`,
 //! `windowCenter` + `windowWidth`, `rows` / `columns` (the image is fitted into them, keeping the
 //! aspect ratio), `region` (`x1,y1,x2,y2` as fractions of the image), `imageQuality`. `anonymize=yes`
@@ -16,13 +15,10 @@ use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::media::{is_native, EXPLICIT_VR_LE};
 use super::rendered::{image_response, DEFAULT_QUALITY};
 use super::WebState;
 use crate::index::StoredInstance;
-use crate::model::transcode::to_explicit_le;
 use crate::render::{source, Format, Function, Output, Window};
-use crate::storage::read_all;
 
 /// The representation a WADO-URI request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,18 +234,11 @@ async fn dicom(
     match transfer_syntax {
         None => {}
         Some(ts) if ts == stored => {}
-        Some(EXPLICIT_VR_LE) if is_native(stored) => {
-            let bytes = read_all(state.store.as_ref(), &inst.storage_key).await?;
-            let converted = tokio::task::spawn_blocking(move || to_explicit_le(&bytes))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(|e| ApiError::Internal(format!("cannot re-encode the object: {e}")))?;
-            return Ok(([("content-type", "application/dicom")], converted).into_response());
-        }
+        // Anything else through the transcoder (decompression of any stored syntax, lossless
+        // encodings it has a codec for; 406 for what it cannot produce).
         Some(ts) => {
-            return Err(ApiError::NotAcceptable(format!(
-                "the object is stored as {stored} and cannot be served as {ts}"
-            )))
+            let converted = crate::transcode::instance(state.store.as_ref(), inst, ts).await?;
+            return Ok(([("content-type", "application/dicom")], converted).into_response());
         }
     }
     let (size, stream) = state.store.get(&inst.storage_key).await?;

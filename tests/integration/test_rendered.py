@@ -278,6 +278,13 @@ def test_wado_uri_dicom(corpus, gateway):
     ds = pydicom.dcmread(io.BytesIO(r.content))
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert np.array_equal(ds.pixel_array, implicit.ds.pixel_array)
+    # A JPEG 2000 lossless object decompressed by the transcoder.
+    j2k = next(s for s in corpus.acked if s.ts == "1.2.840.10008.1.2.4.90" and s.name.startswith("pydicom/MR"))
+    r = wado(gateway, j2k, contentType="application/dicom", transferSyntax="1.2.840.10008.1.2.1")
+    assert r.status_code == 200, r.text
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(ds.pixel_array, j2k.ds.pixel_array)
     # A syntax the gateway cannot produce.
     r = wado(gateway, ct, contentType="application/dicom", transferSyntax="1.2.840.10008.1.2.4.100")
     assert r.status_code == 406
