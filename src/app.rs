@@ -37,11 +37,40 @@ pub fn init_logging(level: &str) {
         .init();
 }
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// Opens storage and index, and tells the storage how to make the index's commits durable.
+pub async fn open_store_and_index(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, Index)> {
     let store = storage::open(&config.storage).await?;
     let index = Index::open(&config.index.url, config.index.max_connections)
         .await
         .with_context(|| format!("opening index {}", config.index.url))?;
+    let synced = index.clone();
+    store.set_index_sync(Box::new(move || synced.sync_blocking()));
+    Ok((store, index))
+}
+
+/// `dicom-gateway reconcile`: the full reconcile (every stored key against the index) that start-up
+/// no longer runs when the storage records what may be unindexed; run while no gateway serves.
+pub async fn reconcile_all(config: Config) -> anyhow::Result<()> {
+    let (store, index) = open_store_and_index(&config).await?;
+    let spool_dir = config.spool_path();
+    std::fs::create_dir_all(&spool_dir)?;
+    let ingestor = Arc::new(Ingestor::new(
+        store.clone(),
+        index.clone(),
+        config.dimse.on_duplicate,
+        spool_dir,
+    )?);
+    if let Some(keys) = store.unsettled() {
+        reconcile_unsettled(&index, &ingestor, keys).await;
+    }
+    reconcile(store, index, ingestor).await;
+    Ok(())
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let (store, index) = open_store_and_index(&config).await?;
     let spool_dir = config.spool_path();
     std::fs::create_dir_all(&spool_dir)?;
     let stale = spool::clear_stale(&spool_dir)?;
@@ -55,7 +84,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         spool_dir,
     )?);
     // Before any listener opens, so that no new object can be mistaken for an orphan.
-    reconcile(store.clone(), index.clone(), ingestor.clone()).await;
+    match store.unsettled() {
+        Some(keys) => reconcile_unsettled(&index, &ingestor, keys).await,
+        None => reconcile(store.clone(), index.clone(), ingestor.clone()).await,
+    }
 
     let dimse_listener = TcpListener::bind(&config.dimse.bind)
         .await
@@ -63,6 +95,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(&config.http.bind)
         .await
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
+    let store_for_close = store.clone();
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
@@ -76,11 +109,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
+        renderer: Arc::new(crate::render::Renderer::new(
+            config.render.concurrency(),
+            config.render.thumbnail_size,
+        )),
     });
     let router = http_router(web, &config.http.cors_allowed_origins);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
-    tokio::select! {
+    let result = tokio::select! {
         r = dimse::serve(dimse_listener, dimse_ctx) => r,
         r = axum::serve(
             // Responses are written in pieces; without TCP_NODELAY the last piece waits for the
@@ -94,7 +131,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             Ok(())
         }
+    };
+    // A clean stop leaves the next start nothing to reconcile (if no store is still in flight).
+    let closed = tokio::task::spawn_blocking(move || store_for_close.close()).await;
+    if let Ok(Err(e)) = closed {
+        tracing::warn!(error = %e, "storage not closed cleanly: the next start reconciles");
     }
+    result
 }
 
 async fn shutdown_signal() {
@@ -117,6 +160,7 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
                 async move { readiness(&state).await }
             }),
         )
+        .merge(dicomweb::wado_uri_router(web.clone()).layer(axum::middleware::from_fn(audit_http)))
         .nest(
             dicomweb::ROOT,
             dicomweb::router(web).layer(axum::middleware::from_fn(audit_http)),
@@ -181,6 +225,45 @@ async fn readiness(state: &WebState) -> impl IntoResponse {
             ),
         ),
     }
+}
+
+/// Start-up reconcile from what the storage says an interrupted run may have left unindexed (the
+/// keys its write-ahead log holds since the last checkpoint): each one still stored and not indexed
+/// under that key goes through ingest; then every key is settled. A clean shutdown leaves none.
+async fn reconcile_unsettled(index: &Index, ingestor: &Ingestor, keys: Vec<String>) {
+    let (mut recovered, mut failed) = (0usize, 0usize);
+    let total = keys.len();
+    for key in keys {
+        let indexed = match storage::sop_instance_uid_of_key(&key) {
+            Some(uid) => index.storage_key_of(uid).await.ok().flatten(),
+            None => None,
+        };
+        if indexed.as_deref() != Some(key.as_str()) {
+            match ingestor.store().exists(&key).await {
+                Ok(false) => {}
+                Ok(true) => match ingestor.index_stored_object(&key).await {
+                    Ok(outcome) => {
+                        recovered += 1;
+                        tracing::info!(
+                            key,
+                            ?outcome,
+                            "reconcile: indexed object stored by an interrupted run"
+                        );
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(key, error = %e, "reconcile: cannot index stored object");
+                    }
+                },
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(key, error = %e, "reconcile: cannot read storage");
+                }
+            }
+        }
+        ingestor.store().settle(&key);
+    }
+    tracing::info!(keys = total, recovered, failed, "reconcile finished");
 }
 
 /// Brings index and storage back in agreement after an interrupted run: objects stored but never

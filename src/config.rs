@@ -21,6 +21,7 @@ pub struct Config {
     pub index: IndexConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    pub render: RenderConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -235,6 +236,34 @@ impl Default for S3Config {
     }
 }
 
+/// Rendered images, thumbnails and WADO-URI (`[render]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RenderConfig {
+    /// Frames decoded and encoded at once (each on a blocking thread); 0 = the number of CPUs.
+    pub max_concurrent: usize,
+    /// The longest side of a thumbnail when the request gives no viewport, in pixels.
+    pub thumbnail_size: u32,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        RenderConfig {
+            max_concurrent: 0,
+            thumbnail_size: 128,
+        }
+    }
+}
+
+impl RenderConfig {
+    pub fn concurrency(&self) -> usize {
+        if self.max_concurrent > 0 {
+            return self.max_concurrent;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 impl Default for IndexConfig {
     fn default() -> Self {
         IndexConfig {
@@ -247,7 +276,7 @@ impl Default for IndexConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            level: "info".into(),
+            level: "info,jpeg2k=warn".into(),
         }
     }
 }

@@ -36,6 +36,17 @@ impl From<crate::storage::StorageError> for ApiError {
     }
 }
 
+impl From<crate::transcode::TranscodeError> for ApiError {
+    fn from(e: crate::transcode::TranscodeError) -> Self {
+        use crate::transcode::TranscodeError;
+        match e {
+            TranscodeError::Refused(m) => ApiError::NotAcceptable(m),
+            TranscodeError::Failed(m) => ApiError::Internal(m),
+            TranscodeError::Storage(e) => e.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {

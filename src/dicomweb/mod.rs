@@ -4,6 +4,8 @@
 //! - [`metadata`]: WADO-RS metadata, served from the DICOM JSON kept in the index;
 //! - [`retrieve`]: WADO-RS instances, frames and bulk data, streamed from storage;
 //! - [`delete`]: DELETE of studies, series and instances (off unless configured);
+//! - [`rendered`]: rendered images and thumbnails (JPEG, PNG, GIF) of studies, series, instances
+//!   and frames; [`wado_uri`]: WADO-URI, mounted at the server root (`/wado`);
 //! - [`media`], [`multipart`], [`error`]: content negotiation, streamed multipart bodies, errors.
 //!
 //! Architecture invariant: QIDO and metadata never touch object storage.
@@ -14,7 +16,9 @@ mod media;
 mod metadata;
 mod multipart;
 mod qido;
+mod rendered;
 mod retrieve;
+mod wado_uri;
 
 use std::sync::Arc;
 
@@ -24,6 +28,7 @@ use axum::Router;
 
 use crate::index::Index;
 use crate::ingest::Ingestor;
+use crate::render::Renderer;
 use crate::storage::ObjectStore;
 pub use error::ApiError;
 
@@ -39,6 +44,8 @@ pub struct WebState {
     pub public_url: String,
     /// The port we listen on, for a Host header that names no port (some clients omit it).
     pub listen_port: u16,
+    /// Rendered images, thumbnails and WADO-URI images.
+    pub renderer: Arc<Renderer>,
 }
 
 impl WebState {
@@ -122,6 +129,39 @@ pub fn router(state: Arc<WebState>) -> Router {
             "/studies/{study}/series/{series}/instances/{instance}/bulk/{*path}",
             get(retrieve::bulk),
         )
+        .route("/studies/{study}/rendered", get(rendered::study))
+        .route("/studies/{study}/thumbnail", get(rendered::study_thumbnail))
+        .route(
+            "/studies/{study}/series/{series}/rendered",
+            get(rendered::series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/thumbnail",
+            get(rendered::series_thumbnail),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/rendered",
+            get(rendered::instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+            get(rendered::instance_thumbnail),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+            get(rendered::frames),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail",
+            get(rendered::frames_thumbnail),
+        )
+        .with_state(state)
+}
+
+/// WADO-URI, mounted at the server root: `GET /wado?requestType=WADO&...`.
+pub fn wado_uri_router(state: Arc<WebState>) -> Router {
+    Router::new()
+        .route("/wado", get(wado_uri::wado))
         .with_state(state)
 }
 

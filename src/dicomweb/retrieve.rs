@@ -2,9 +2,11 @@
 //! from storage one part at a time.
 //!
 //! Objects go out as stored when the client accepts that transfer syntax (`transfer-syntax=*`, or the
-//! stored one). The default, Explicit VR Little Endian, is produced from other native encodings by
-//! re-encoding one instance at a time; encapsulated objects cannot be decoded yet and get 406.
-//! Frames are cut out of the stored object with the byte ranges recorded at ingest.
+//! stored one). Any other syntax the transcoder can make (the default, Explicit VR Little Endian,
+//! from every decodable syntax; JPEG-LS lossless from lossless sources) is made one instance at a
+//! time, streamed frame by frame; what it cannot make gets 406 with the reason. Frames are cut out
+//! of the stored object with the byte ranges recorded at ingest: as stored, zero-copy ranged reads;
+//! transcoded, the header and that frame's bytes only.
 
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ use bytes::Bytes;
 use dicom_object::file::ReadPreamble;
 use dicom_object::OpenFileOptions;
 use futures::{StreamExt, TryStreamExt};
+use tokio::sync::mpsc::Receiver;
 
 use super::error::ApiError;
 use super::media::{
@@ -29,6 +32,7 @@ use crate::ingest::layout::{locate_frames, read_meta_extent, Extent, Layout};
 use crate::model::explicit_le::to_explicit_le_streamed;
 use crate::model::transcode::to_explicit_le;
 use crate::storage::{read_all, ObjectStore};
+use crate::transcode::{self, Form, TranscodeError, JPEG_LS_LOSSLESS};
 
 /// Native frames and pixel data are read from storage in pieces of at most this size.
 const READ_PIECE: u64 = 1 << 20;
@@ -71,25 +75,34 @@ pub async fn instance(
 }
 
 /// How one instance is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Encoding {
     AsStored,
-    /// Re-encoded as Explicit VR Little Endian (from another native encoding).
-    ExplicitLe,
+    /// Re-encoded by the transcoder into this transfer syntax.
+    Transcoded(String),
 }
 
-/// Picks the encoding of an instance for what the client accepts, if any.
-fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Option<Encoding> {
+/// Picks the encoding of an instance for what the client accepts, or says why there is none.
+fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Result<Encoding, String> {
     // Implicit VR and Big Endian are never sent over DICOMweb (PS3.18 8.7.3.5.2).
     let legacy = matches!(stored_ts, IMPLICIT_VR_LE | EXPLICIT_VR_BE);
-    match requested {
-        Some("*") if legacy => Some(Encoding::ExplicitLe),
-        Some("*") => Some(Encoding::AsStored),
-        None | Some(EXPLICIT_VR_LE) if stored_ts == EXPLICIT_VR_LE => Some(Encoding::AsStored),
-        None | Some(EXPLICIT_VR_LE) if is_native(stored_ts) => Some(Encoding::ExplicitLe),
-        Some(ts) if ts == stored_ts && !legacy => Some(Encoding::AsStored),
-        _ => None,
+    let wanted = match requested {
+        Some("*") if legacy => EXPLICIT_VR_LE,
+        Some("*") => return Ok(Encoding::AsStored),
+        None => EXPLICIT_VR_LE,
+        Some(ts) => ts,
+    };
+    if wanted == stored_ts && !legacy {
+        return Ok(Encoding::AsStored);
     }
+    if matches!(wanted, IMPLICIT_VR_LE | EXPLICIT_VR_BE) {
+        return Err(format!(
+            "{wanted} is not used by DICOMweb (PS3.18 8.7.3.5.2)"
+        ));
+    }
+    transcode::check(stored_ts, wanted)
+        .map(|()| Encoding::Transcoded(wanted.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 fn dicom_acceptables(headers: &HeaderMap, single: bool) -> Vec<Acceptable> {
@@ -126,26 +139,38 @@ async fn retrieve(
             "no such study, series or instance".into(),
         ));
     }
-    // The first acceptable representation that every instance can be sent in.
+    // The first acceptable representation that every instance can be sent in; else the reason
+    // the first one cannot.
+    let mut refusal = None;
     let plan = acceptables.iter().find_map(|a| {
         instances
             .iter()
             .map(|i| encoding_for(&i.transfer_syntax_uid, a.transfer_syntax.as_deref()))
-            .collect::<Option<Vec<Encoding>>>()
+            .collect::<Result<Vec<Encoding>, String>>()
+            .map_err(|e| refusal.get_or_insert(e).clone())
+            .ok()
     });
     let Some(encodings) = plan else {
-        return Err(ApiError::NotAcceptable(
-            "the requested transfer syntax is not available for these instances (compressed \
-             objects are served with transfer-syntax=* or their stored transfer syntax)"
-                .into(),
-        ));
+        return Err(ApiError::NotAcceptable(format!(
+            "the requested transfer syntax is not available for these instances: {}",
+            refusal.unwrap_or_default()
+        )));
+    };
+
+    // The first instance's transcoding is started before the response is: its refusal is a 406.
+    let mut started = match &encodings[0] {
+        Encoding::Transcoded(ts) => {
+            Some(start_transcoding(state.store.as_ref(), &instances[0], ts).await?)
+        }
+        Encoding::AsStored => None,
     };
 
     let (writer, body, boundary) = MultipartWriter::new();
     let store = state.store.clone();
     tokio::spawn(async move {
         for (inst, encoding) in instances.iter().zip(encodings) {
-            if let Err(e) = send_instance(&writer, store.as_ref(), inst, encoding).await {
+            let started = started.take();
+            if let Err(e) = send_instance(&writer, store.as_ref(), inst, encoding, started).await {
                 tracing::error!(key = %inst.storage_key, error = %e, "retrieve aborted");
                 writer.fail(e).await;
                 return;
@@ -166,11 +191,36 @@ fn multipart_response(body: axum::body::Body, boundary: &str, part_type: &str) -
     resp
 }
 
+/// A transcoding under way: the rest of its output, and its first piece.
+type Started = (Receiver<Result<Bytes, TranscodeError>>, Bytes);
+
+/// Starts transcoding an instance and waits for its first piece, so that a refusal that only the
+/// object itself shows (its Lossy Image Compression flag) comes before any part is sent.
+async fn start_transcoding(
+    store: &dyn ObjectStore,
+    inst: &StoredInstance,
+    ts: &str,
+) -> Result<Started, TranscodeError> {
+    let mut pieces = if ts == EXPLICIT_VR_LE && is_native(&inst.transfer_syntax_uid) {
+        reencode_streamed(store, &inst.storage_key).await?
+    } else {
+        let layout = transcode::parse_layout(&inst.frame_layout)?;
+        let bytes = read_all(store, &inst.storage_key).await?;
+        transcode::stream(bytes, layout, ts.to_string(), Form::Part10)
+    };
+    match pieces.recv().await {
+        Some(Ok(first)) => Ok((pieces, first)),
+        Some(Err(e)) => Err(e),
+        None => Err(TranscodeError::Failed("the transcoder stopped".into())),
+    }
+}
+
 async fn send_instance(
     writer: &MultipartWriter,
     store: &dyn ObjectStore,
     inst: &StoredInstance,
     encoding: Encoding,
+    started: Option<Started>,
 ) -> std::io::Result<()> {
     let gone = || std::io::Error::other("client disconnected");
     match encoding {
@@ -192,46 +242,60 @@ async fn send_instance(
                 }
             }
         }
-        Encoding::ExplicitLe => {
-            // Re-encoded on a blocking thread as it is read from storage, a piece at a time.
-            let (_, mut stream) = store
-                .get(&inst.storage_key)
-                .await
-                .map_err(std::io::Error::other)?;
-            let (in_tx, in_rx) = tokio::sync::mpsc::channel(2);
-            tokio::spawn(async move {
-                while let Some(chunk) = stream.next().await {
-                    if in_tx.send(chunk).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            let input = ChannelReader {
-                rx: in_rx,
-                current: Bytes::new(),
+        Encoding::Transcoded(ts) => {
+            let (mut pieces, first) = match started {
+                Some(started) => started,
+                None => start_transcoding(store, inst, &ts)
+                    .await
+                    .map_err(std::io::Error::other)?,
             };
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
-            let job = tokio::task::spawn_blocking(move || {
-                to_explicit_le_streamed(input, &mut |piece| {
-                    tx.blocking_send(piece).map_err(|_| gone())
-                })
-            });
-            let ct = format!("application/dicom; transfer-syntax={EXPLICIT_VR_LE}");
-            if !writer.start_part(&ct, None).await {
+            let ct = format!("application/dicom; transfer-syntax={ts}");
+            if !writer.start_part(&ct, None).await || !writer.send(first).await {
                 return Err(gone());
             }
-            while let Some(piece) = rx.recv().await {
-                if !writer.send(piece.into()).await {
+            while let Some(piece) = pieces.recv().await {
+                if !writer.send(piece.map_err(std::io::Error::other)?).await {
                     return Err(gone());
                 }
             }
-            job.await.map_err(std::io::Error::other)??;
         }
     }
     if !writer.end_part().await {
         return Err(gone());
     }
     Ok(())
+}
+
+/// Re-encodes a native object to Explicit VR LE on a blocking thread as it is read from storage,
+/// a piece at a time (never the whole object in memory).
+async fn reencode_streamed(
+    store: &dyn ObjectStore,
+    key: &str,
+) -> Result<Receiver<Result<Bytes, TranscodeError>>, TranscodeError> {
+    let (_, mut stream) = store.get(key).await?;
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        while let Some(chunk) = stream.next().await {
+            if in_tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let input = ChannelReader {
+        rx: in_rx,
+        current: Bytes::new(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let gone = || std::io::Error::other("client disconnected");
+        let result = to_explicit_le_streamed(input, &mut |piece| {
+            tx.blocking_send(Ok(Bytes::from(piece))).map_err(|_| gone())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(TranscodeError::Failed(e.to_string())));
+        }
+    });
+    Ok(rx)
 }
 
 /// A blocking reader over a storage stream whose chunks the async side pulls and hands over
@@ -279,41 +343,21 @@ pub async fn frames(
     let compressed_type = frame_media_type(&ts);
 
     let accept = headers.get("accept").and_then(|h| h.to_str().ok());
-    let acceptables = parse_accept(accept);
-    let part_type = acceptables.iter().find_map(|a| {
-        let ts_ok = |wanted: &str| match a.transfer_syntax.as_deref() {
-            None => wanted == EXPLICIT_VR_LE,
-            Some(t) => t == "*" || t == wanted,
-        };
-        match compressed_type {
-            None if media_matches(&a.media_type, "application/octet-stream")
-                && ts_ok(EXPLICIT_VR_LE) =>
-            {
-                Some((
-                    "application/octet-stream".to_string(),
-                    EXPLICIT_VR_LE.to_string(),
-                ))
-            }
-            Some(ct)
-                if (media_matches(&a.media_type, ct) && a.media_type != "*/*" && ts_ok(&ts))
-                    || (a.transfer_syntax.as_deref() == Some("*")
-                        && (media_matches(&a.media_type, ct)
-                            || a.media_type == "application/octet-stream"))
-                    || a.transfer_syntax.as_deref() == Some(ts.as_str()) =>
-            {
-                Some((ct.to_string(), ts.clone()))
-            }
-            _ => None,
-        }
+    let mut refusal = None;
+    let plan = parse_accept(accept).iter().find_map(|a| {
+        frame_plan(&ts, a)
+            .map_err(|e| refusal.get_or_insert(e).clone())
+            .ok()
     });
-    let Some((part_type, part_ts)) = part_type else {
-        return Err(ApiError::NotAcceptable(match compressed_type {
-            Some(ct) => format!(
-                "frames of this instance are available as {ct} (transfer-syntax={ts} or *); \
-                 decompression is not supported"
-            ),
-            None => "frames of this instance are available as application/octet-stream".into(),
-        }));
+    let Some(plan) = plan else {
+        return Err(ApiError::NotAcceptable(refusal.unwrap_or_else(|| {
+            format!(
+                "frames of this instance are available as application/octet-stream{}",
+                compressed_type
+                    .map(|ct| format!(" (decompressed) or {ct} (transfer-syntax={ts} or *)"))
+                    .unwrap_or_default()
+            )
+        })));
     };
 
     let source = FrameSource::prepare(&state, &inst).await?;
@@ -323,6 +367,18 @@ pub async fn frames(
             "frame {bad} does not exist (the instance has {count})"
         )));
     }
+    // Transcoded frames: the syntax they are made in, and the first frame, made before the
+    // response so that a refusal only the object shows (its lossy flag, its bit depth) is a 406.
+    let (part_type, part_ts, transcoding, mut first) = match plan {
+        FramePlan::AsStored { media_type, ts } => (media_type, ts, None, None),
+        FramePlan::Transcoded { media_type, ts } => {
+            let index = numbers[0] as usize - 1;
+            let first = source
+                .transcoded_frame(state.store.as_ref(), &inst, index, &ts)
+                .await?;
+            (media_type, ts.clone(), Some(ts), Some(first))
+        }
+    };
     let (writer, body, boundary) = MultipartWriter::new();
     let store = state.store.clone();
     let content_type = format!("{part_type}; transfer-syntax={part_ts}");
@@ -332,9 +388,22 @@ pub async fn frames(
                 if !writer.start_part(&content_type, None).await {
                     return Err(std::io::Error::other("client disconnected"));
                 }
-                source
-                    .send_frame(&writer, store.as_ref(), n as usize - 1)
-                    .await?;
+                let index = n as usize - 1;
+                match &transcoding {
+                    None => source.send_frame(&writer, store.as_ref(), index).await?,
+                    Some(ts) => {
+                        let data = match first.take() {
+                            Some(data) => data,
+                            None => source
+                                .transcoded_frame(store.as_ref(), &inst, index, ts)
+                                .await
+                                .map_err(std::io::Error::other)?,
+                        };
+                        if !writer.send(data.into()).await {
+                            return Err(std::io::Error::other("client disconnected"));
+                        }
+                    }
+                }
                 if !writer.end_part().await {
                     return Err(std::io::Error::other("client disconnected"));
                 }
@@ -349,6 +418,75 @@ pub async fn frames(
         writer.finish().await;
     });
     Ok(multipart_response(body, &boundary, &part_type))
+}
+
+/// How the frames of an instance are sent for one acceptable representation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FramePlan {
+    AsStored { media_type: String, ts: String },
+    Transcoded { media_type: String, ts: String },
+}
+
+/// The transfer syntax a frame media type means when the Accept header names none (PS3.18 Table
+/// 8.7.3-5).
+fn default_frame_syntax(media_type: &str) -> Option<&'static str> {
+    Some(match media_type {
+        "application/octet-stream" | "*/*" => EXPLICIT_VR_LE,
+        "image/jpeg" => "1.2.840.10008.1.2.4.50",
+        "image/jls" => JPEG_LS_LOSSLESS,
+        "image/jp2" => "1.2.840.10008.1.2.4.90",
+        "image/jpx" => "1.2.840.10008.1.2.4.92",
+        "image/jphc" => "1.2.840.10008.1.2.4.201",
+        "image/dicom-rle" => "1.2.840.10008.1.2.5",
+        _ => return None,
+    })
+}
+
+/// Picks how frames of an instance stored in `stored` are sent for `a`, or says why they cannot.
+fn frame_plan(stored: &str, a: &Acceptable) -> Result<FramePlan, String> {
+    let stored_type = frame_media_type(stored).unwrap_or("application/octet-stream");
+    let as_stored = || {
+        Ok(FramePlan::AsStored {
+            media_type: stored_type.to_string(),
+            ts: if is_native(stored) {
+                EXPLICIT_VR_LE
+            } else {
+                stored
+            }
+            .to_string(),
+        })
+    };
+    let octet_or_any = matches!(a.media_type.as_str(), "application/octet-stream" | "*/*");
+    let requested = a.transfer_syntax.as_deref();
+    if requested == Some("*") && (octet_or_any || media_matches(&a.media_type, stored_type)) {
+        return as_stored();
+    }
+    let Some(wanted) = requested.or_else(|| default_frame_syntax(&a.media_type)) else {
+        return Err(format!("frames are not available as {}", a.media_type));
+    };
+    // Native frames are little endian samples whatever the stored encoding.
+    let native_wanted = wanted == EXPLICIT_VR_LE;
+    if (wanted == stored || (native_wanted && is_native(stored)))
+        && (octet_or_any || media_matches(&a.media_type, stored_type))
+    {
+        return as_stored();
+    }
+    let media_type = if native_wanted {
+        "application/octet-stream"
+    } else {
+        frame_media_type(wanted).unwrap_or("application/octet-stream")
+    };
+    if !octet_or_any && !media_matches(&a.media_type, media_type) {
+        return Err(format!(
+            "{} frames are sent as {media_type}, not {}",
+            wanted, a.media_type
+        ));
+    }
+    transcode::check(stored, wanted).map_err(|e| e.to_string())?;
+    Ok(FramePlan::Transcoded {
+        media_type: media_type.to_string(),
+        ts: wanted.to_string(),
+    })
 }
 
 async fn one_instance(
@@ -450,6 +588,24 @@ impl FrameSource {
             }],
             Layout::Encapsulated { frames } => frames[index].clone(),
             Layout::NoPixelData | Layout::Unavailable => Vec::new(),
+        }
+    }
+
+    /// Frame `index` (0-based) transcoded into `ts`.
+    async fn transcoded_frame(
+        &self,
+        store: &dyn ObjectStore,
+        inst: &StoredInstance,
+        index: usize,
+        ts: &str,
+    ) -> Result<Vec<u8>, TranscodeError> {
+        match self {
+            FrameSource::Stored { layout, .. } => {
+                transcode::frame(store, inst, layout, index, ts).await
+            }
+            FrameSource::Converted { bytes, layout } => {
+                transcode::frame_of_copy(bytes.clone(), layout, index, ts).await
+            }
         }
     }
 
@@ -658,23 +814,64 @@ mod tests {
     #[test]
     fn encodings_follow_the_requested_transfer_syntax() {
         const JPEG: &str = "1.2.840.10008.1.2.4.50";
-        assert_eq!(encoding_for(EXPLICIT_VR_LE, None), Some(Encoding::AsStored));
+        const J2K_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
+        let explicit = || Ok(Encoding::Transcoded(EXPLICIT_VR_LE.into()));
+        assert_eq!(encoding_for(EXPLICIT_VR_LE, None), Ok(Encoding::AsStored));
+        assert_eq!(encoding_for(IMPLICIT_VR_LE, None), explicit());
+        assert_eq!(encoding_for(IMPLICIT_VR_LE, Some("*")), explicit());
+        assert_eq!(encoding_for(EXPLICIT_VR_BE, Some("*")), explicit());
+        assert_eq!(encoding_for(JPEG, Some("*")), Ok(Encoding::AsStored));
+        assert_eq!(encoding_for(JPEG, Some(JPEG)), Ok(Encoding::AsStored));
+        assert_eq!(encoding_for(JPEG, None), explicit());
         assert_eq!(
-            encoding_for(IMPLICIT_VR_LE, None),
-            Some(Encoding::ExplicitLe)
+            encoding_for(J2K_LOSSLESS, Some(JPEG_LS_LOSSLESS)),
+            Ok(Encoding::Transcoded(JPEG_LS_LOSSLESS.into()))
+        );
+        assert!(encoding_for(JPEG, Some(JPEG_LS_LOSSLESS)).is_err());
+        assert!(encoding_for(IMPLICIT_VR_LE, Some(IMPLICIT_VR_LE)).is_err());
+    }
+
+    #[test]
+    fn frames_are_sent_as_stored_or_transcoded() {
+        const J2K: &str = "1.2.840.10008.1.2.4.91";
+        let accept = |h: &str| parse_accept(Some(h)).remove(0);
+        let octet = accept("multipart/related; type=\"application/octet-stream\"");
+        assert_eq!(
+            frame_plan(J2K, &octet),
+            Ok(FramePlan::Transcoded {
+                media_type: "application/octet-stream".into(),
+                ts: EXPLICIT_VR_LE.into()
+            })
         );
         assert_eq!(
-            encoding_for(IMPLICIT_VR_LE, Some("*")),
-            Some(Encoding::ExplicitLe)
+            frame_plan(EXPLICIT_VR_LE, &octet),
+            Ok(FramePlan::AsStored {
+                media_type: "application/octet-stream".into(),
+                ts: EXPLICIT_VR_LE.into()
+            })
         );
+        let any = accept("multipart/related; type=\"application/octet-stream\"; transfer-syntax=*");
         assert_eq!(
-            encoding_for(EXPLICIT_VR_BE, Some("*")),
-            Some(Encoding::ExplicitLe)
+            frame_plan(J2K, &any),
+            Ok(FramePlan::AsStored {
+                media_type: "image/jp2".into(),
+                ts: J2K.into()
+            })
         );
-        assert_eq!(encoding_for(JPEG, Some("*")), Some(Encoding::AsStored));
-        assert_eq!(encoding_for(JPEG, Some(JPEG)), Some(Encoding::AsStored));
-        assert_eq!(encoding_for(JPEG, None), None);
-        assert_eq!(encoding_for(IMPLICIT_VR_LE, Some(IMPLICIT_VR_LE)), None);
+        let jls = accept("multipart/related; type=\"image/jls\"");
+        assert_eq!(
+            frame_plan(EXPLICIT_VR_LE, &jls),
+            Ok(FramePlan::Transcoded {
+                media_type: "image/jls".into(),
+                ts: JPEG_LS_LOSSLESS.into()
+            })
+        );
+        assert!(frame_plan(J2K, &jls).is_err(), "lossless from lossy");
+        assert!(frame_plan(
+            EXPLICIT_VR_LE,
+            &accept("multipart/related; type=\"image/jp2\"")
+        )
+        .is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod extract;
 mod inflate;
 pub mod layout;
 pub mod spool;
+mod thumbnail;
 
 use std::io::{Read, Seek};
 use std::path::PathBuf;
@@ -75,6 +76,12 @@ pub struct Ingestor {
     spool: Arc<SpoolFiles>,
 }
 
+/// Objects up to this size have their index insert gated ([`Index::insert_gated_blocking`]): its
+/// statements run while the object is made durable, and the writer's batch waits for that. A
+/// larger object is made durable first and indexed after, so that its flush (seconds for a
+/// multi-GB object) never holds up the commits of other associations' C-STOREs.
+const GATED_UP_TO: u64 = 1 << 20;
+
 /// Where ingest's blocking task left an object.
 enum Step {
     /// Already indexed, and the policy keeps the first copy.
@@ -83,6 +90,7 @@ enum Step {
     Indexed {
         key: String,
         outcome: Result<InsertOutcome, WriteError>,
+        settle: Settle,
     },
     /// Parsed; to be put into storage, then indexed.
     ToStore(Box<Parsed>),
@@ -239,6 +247,39 @@ impl Ingestor {
                     return Ok(Step::ToStore(Box::new(parsed)));
                 }
                 let key = parsed.record.instance.storage_key.clone();
+                // Settles the keys this store logged, however it ends (see `Settle`).
+                let mut settle = Settle::new(&store, &key);
+                if replace {
+                    // The copy this one may replace is logged before the index can forget it:
+                    // if the process dies after the commit but before the old copy is
+                    // deleted, reconcile finds it and drops it.
+                    let old = index
+                        .storage_key_blocking(&parsed.uids.sop_instance_uid)
+                        .map_err(|e| IngestError::Index(e.into()))?;
+                    if let Some(old) = old {
+                        store.intend_blocking(&[&old])?;
+                        settle.keys.push(old);
+                    }
+                }
+                if size > GATED_UP_TO {
+                    spooled.finish_writes().map_err(spool_error)?;
+                    if write_back {
+                        spooled.write_back().map_err(spool_error)?;
+                    }
+                    store.put_file_blocking(&key, spooled.path())?;
+                    // Stored: from here a failure must reach the caller, which deletes the object.
+                    let outcome = index
+                        .insert_gated_blocking(parsed.record, replace)
+                        .and_then(|(gate, pending)| {
+                            gate.open();
+                            pending.wait_blocking()
+                        });
+                    return Ok(Step::Indexed {
+                        key,
+                        outcome,
+                        settle,
+                    });
+                }
                 // The insert's statements run while the object is made durable; its gate is
                 // dropped unopened if storing fails, and then nothing is committed.
                 let (gate, pending) = index.insert_gated_blocking(parsed.record, replace)?;
@@ -249,23 +290,32 @@ impl Ingestor {
                 store.put_file_blocking(&key, spooled.path())?;
                 gate.open();
                 let outcome = pending.wait_blocking();
-                Ok(Step::Indexed { key, outcome })
+                Ok(Step::Indexed {
+                    key,
+                    outcome,
+                    settle,
+                })
             };
             let step = step();
             (spooled, step)
         });
         let (spooled, step) = job.await.expect("parse task panicked");
         // A refused object's or a resent duplicate's spool file is removed (dropped) before the answer.
-        let (key, outcome) = match step? {
+        let (key, outcome, _settle) = match step? {
             Step::Duplicate => return Ok(Outcome::DuplicateKept),
-            Step::Indexed { key, outcome } => {
+            Step::Indexed {
+                key,
+                outcome,
+                settle,
+            } => {
                 spooled.mark_stored();
-                (key, outcome)
+                (key, outcome, settle)
             }
             Step::ToStore(parsed) => {
                 let key = parsed.record.instance.storage_key.clone();
+                let settle = Settle::new(&self.store, &key);
                 spooled.store_into(self.store.as_ref(), &key).await?;
-                (key, self.index.insert(parsed.record, replace).await)
+                (key, self.index.insert(parsed.record, replace).await, settle)
             }
         };
         match outcome {
@@ -317,9 +367,40 @@ impl Ingestor {
         }
     }
 
+    /// The storage's record of keys that may be left unindexed (see [`ObjectStore::settle`]).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     async fn delete_quietly(&self, key: &str) {
         if let Err(e) = self.store.delete(key).await {
             tracing::warn!(key, error = %e, "could not delete superseded object");
+        }
+    }
+}
+
+/// Settles the keys a C-STORE logged in storage ([`ObjectStore::settle`]) when dropped: once the
+/// ingest has ended, the object is indexed (the commit durable or flushed before the storage's
+/// next checkpoint), or it failed and the object was deleted; either way start-up reconcile no
+/// longer needs to look at it.
+struct Settle {
+    store: Arc<dyn ObjectStore>,
+    keys: Vec<String>,
+}
+
+impl Settle {
+    fn new(store: &Arc<dyn ObjectStore>, key: &str) -> Settle {
+        Settle {
+            store: store.clone(),
+            keys: vec![key.to_string()],
+        }
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.store.settle(key);
         }
     }
 }
