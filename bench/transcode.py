@@ -3,6 +3,7 @@
 VR Little Endian (`frames/1` with `Accept: multipart/related; type="application/octet-stream";
 transfer-syntax=1.2.840.10008.1.2.1`) from the gateway and from Orthanc + its DICOMweb plugin in the same run;
 p50 and p99 of the time to the last byte, and the bytes checked against pydicom's decode of the original.
+Orthanc decodes JPEG 2000 through its GDCM plugin (`orthanc-gdcm`, installed by bench/run).
 
 Run it through `bench/run transcode` (venv, gateway build). Servers run one after another, each with fresh data
 on loopback; warm-up requests first, then timed ones on one keep-alive connection.
@@ -23,11 +24,27 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
+import bench
 from bench import BENCH_DIR, DCMTK_ENV, BenchError, GatewayServer, Http, OrthancServer, log, pct
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 FRAME_ACCEPT = f'multipart/related; type="application/octet-stream"; transfer-syntax={EXPLICIT_LE}'
 SIDE = 512
+
+
+GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"
+
+
+class OrthancWithGdcm(OrthancServer):
+    """Orthanc decodes JPEG 2000 only through its GDCM plugin (Debian package orthanc-gdcm)."""
+
+    def __init__(self, work_root):
+        super().__init__(work_root)
+        if not Path(GDCM_PLUGIN).exists():
+            raise BenchError(f"{GDCM_PLUGIN} missing: apt-get install orthanc-gdcm")
+        cfg = json.loads(self.cfg_path.read_text())
+        cfg["Plugins"].append(GDCM_PLUGIN)
+        self.cfg_path.write_text(json.dumps(cfg, indent=1))
 
 
 def make_j2k_ct(path: Path) -> tuple[Dataset, np.ndarray]:
@@ -60,7 +77,7 @@ def make_j2k_ct(path: Path) -> tuple[Dataset, np.ndarray]:
 
 
 def store(srv, path: Path) -> None:
-    proc = subprocess.run(["storescu", "-aec", srv.ae, "127.0.0.1", str(srv.dimse_port), str(path)],
+    proc = subprocess.run(["storescu", "-xv", "-aec", srv.ae, "127.0.0.1", str(srv.dimse_port), str(path)],
                           env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise BenchError(f"storescu to {srv.name} failed: {proc.stdout}{proc.stderr}")
@@ -105,6 +122,7 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=60)
     ap.add_argument("--work-root", default=None)
     args = ap.parse_args()
+    bench.QR_DEST_PORT = bench.free_port()  # the servers' configured C-MOVE destination (unused here)
     work = Path(args.work_root or os.environ.get("TMPDIR", "/tmp"))
     data = BENCH_DIR / ".cache" / "transcode"
     data.mkdir(parents=True, exist_ok=True)
@@ -113,7 +131,7 @@ def main() -> int:
     log(f"JPEG 2000 lossless CT frame: {len(ds.PixelData)} bytes encapsulated, {len(expected)} decoded")
     results = {}
     load_start = os.getloadavg()
-    for srv in (OrthancServer(work), GatewayServer(work, args.gateway_bin)):
+    for srv in (OrthancWithGdcm(work), GatewayServer(work, args.gateway_bin)):
         srv.start(args.ready_timeout)
         try:
             store(srv, data / "ct-j2k.dcm")

@@ -109,6 +109,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
+        stow: dicomweb::stow::StowConfig {
+            max_request_size: config.http.max_stow_size,
+            max_object_size: config.dimse.max_object_size,
+            accept_private_sop_classes: config.dimse.accept_private_sop_classes,
+        },
         renderer: Arc::new(crate::render::Renderer::new(
             config.render.concurrency(),
             config.render.thumbnail_size,
@@ -175,7 +180,13 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS, Method::DELETE])
+                .allow_methods([
+                    Method::GET,
+                    Method::HEAD,
+                    Method::OPTIONS,
+                    Method::POST,
+                    Method::DELETE,
+                ])
                 .allow_headers([
                     HeaderName::from_static("authorization"),
                     HeaderName::from_static("accept"),

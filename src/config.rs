@@ -98,6 +98,9 @@ pub struct HttpConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Answer DICOMweb DELETE of studies, series and instances (405 when false).
     pub allow_delete: bool,
+    /// Largest STOW-RS request body, in bytes (413 above); each instance in it is also held to
+    /// `[dimse] max_object_size`.
+    pub max_stow_size: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +204,7 @@ impl Default for HttpConfig {
             public_url: String::new(),
             cors_allowed_origins: vec!["*".into()],
             allow_delete: false,
+            max_stow_size: 64 << 30,
         }
     }
 }

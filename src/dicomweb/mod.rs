@@ -4,6 +4,7 @@
 //! - [`metadata`]: WADO-RS metadata, served from the DICOM JSON kept in the index;
 //! - [`retrieve`]: WADO-RS instances, frames and bulk data, streamed from storage;
 //! - [`delete`]: DELETE of studies, series and instances (off unless configured);
+//! - [`stow`]: STOW-RS, instances stored through ingest (the path C-STORE takes);
 //! - [`rendered`]: rendered images and thumbnails (JPEG, PNG, GIF) of studies, series, instances
 //!   and frames; [`wado_uri`]: WADO-URI, mounted at the server root (`/wado`);
 //! - [`media`], [`multipart`], [`error`]: content negotiation, streamed multipart bodies, errors.
@@ -18,6 +19,7 @@ mod multipart;
 mod qido;
 mod rendered;
 mod retrieve;
+pub mod stow;
 mod wado_uri;
 
 use std::sync::Arc;
@@ -44,6 +46,7 @@ pub struct WebState {
     pub public_url: String,
     /// The port we listen on, for a Host header that names no port (some clients omit it).
     pub listen_port: u16,
+    pub stow: stow::StowConfig,
     /// Rendered images, thumbnails and WADO-URI images.
     pub renderer: Arc<Renderer>,
 }
@@ -91,12 +94,14 @@ fn base_url(public_url: &str, listen_port: u16, headers: &HeaderMap) -> String {
 
 pub fn router(state: Arc<WebState>) -> Router {
     Router::new()
-        .route("/studies", get(qido::studies))
+        .route("/studies", get(qido::studies).post(stow::store))
         .route("/series", get(qido::series))
         .route("/instances", get(qido::instances))
         .route(
             "/studies/{study}",
-            get(retrieve::study).delete(delete::study),
+            get(retrieve::study)
+                .post(stow::store_in_study)
+                .delete(delete::study),
         )
         .route("/studies/{study}/metadata", get(metadata::study))
         .route("/studies/{study}/series", get(qido::study_series))

@@ -1,4 +1,4 @@
-//! Ingest: the one path by which objects enter the gateway (C-STORE now, STOW-RS later).
+//! Ingest: the one path by which objects enter the gateway (C-STORE and STOW-RS).
 //!
 //! 1. [`spool`]: the object is written to a spool file (Part-10) as it arrives, never held whole in memory.
 //! 2. [`extract`]: the header (everything before Pixel Data) is parsed, UIDs validated, the frame
@@ -32,17 +32,21 @@ use dicom_object::{InMemDicomObject, OpenFileOptions};
 use crate::config::DuplicatePolicy;
 use crate::index::{Index, InsertOutcome, WriteError};
 use crate::storage::{instance_key, ObjectStore, PutPath, StorageError};
-use extract::{build_record, geometry, object_uids, ObjectUids};
+pub use extract::ObjectUids;
+use extract::{build_record, geometry, object_uids};
 use layout::{locate_frames, read_meta_extent, Layout};
 
 pub use delete::Removal;
 pub use spool::{SpoolFiles, SpoolWriter, Spooled};
 
-/// What the sender said the object is (from the C-STORE command), checked against the dataset.
+/// What the sender said the object is (from the C-STORE command, or a STOW-RS part's file meta
+/// information), checked against the dataset.
 #[derive(Debug, Clone)]
 pub struct Expected {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
+    /// The study the object must belong to (STOW-RS to `/studies/{study}`).
+    pub study_instance_uid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,12 +89,13 @@ const GATED_UP_TO: u64 = 1 << 20;
 /// Where ingest's blocking task left an object.
 enum Step {
     /// Already indexed, and the policy keeps the first copy.
-    Duplicate,
+    Duplicate(ObjectUids),
     /// Durable in storage under `key`, and the outcome of its (gated) insert.
     Indexed {
         key: String,
         outcome: Result<InsertOutcome, WriteError>,
         settle: Settle,
+        uids: ObjectUids,
     },
     /// Parsed; to be put into storage, then indexed.
     ToStore(Box<Parsed>),
@@ -178,6 +183,16 @@ impl Ingestor {
         expected: Option<&Expected>,
         early: Option<EarlyHeader>,
     ) -> Result<Outcome, IngestError> {
+        (self.ingest_identified(spooled, expected, early).await).map(|(outcome, _)| outcome)
+    }
+
+    /// [`Ingestor::ingest`], also returning the object's UIDs (for STOW-RS's RetrieveURLs).
+    pub async fn ingest_identified(
+        &self,
+        spooled: Spooled,
+        expected: Option<&Expected>,
+        early: Option<EarlyHeader>,
+    ) -> Result<(Outcome, ObjectUids), IngestError> {
         let early = match early {
             Some(EarlyHeader(task)) => task.await.ok().flatten(),
             None => None,
@@ -240,13 +255,14 @@ impl Ingestor {
                     None => false,
                 };
                 if indexed {
-                    return Ok(Step::Duplicate);
+                    return Ok(Step::Duplicate(parsed.uids));
                 }
                 if put_path == PutPath::Async {
                     spooled.finish_writes().map_err(spool_error)?;
                     return Ok(Step::ToStore(Box::new(parsed)));
                 }
                 let key = parsed.record.instance.storage_key.clone();
+                let uids = parsed.uids.clone();
                 // Settles the keys this store logged, however it ends (see `Settle`).
                 let mut settle = Settle::new(&store, &key);
                 if replace {
@@ -278,6 +294,7 @@ impl Ingestor {
                         key,
                         outcome,
                         settle,
+                        uids,
                     });
                 }
                 // The insert's statements run while the object is made durable; its gate is
@@ -294,6 +311,7 @@ impl Ingestor {
                     key,
                     outcome,
                     settle,
+                    uids,
                 })
             };
             let step = step();
@@ -301,32 +319,35 @@ impl Ingestor {
         });
         let (spooled, step) = job.await.expect("parse task panicked");
         // A refused object's or a resent duplicate's spool file is removed (dropped) before the answer.
-        let (key, outcome, _settle) = match step? {
-            Step::Duplicate => return Ok(Outcome::DuplicateKept),
+        let (key, outcome, _settle, uids) = match step? {
+            Step::Duplicate(uids) => return Ok((Outcome::DuplicateKept, uids)),
             Step::Indexed {
                 key,
                 outcome,
                 settle,
+                uids,
             } => {
                 spooled.mark_stored();
-                (key, outcome, settle)
+                (key, outcome, settle, uids)
             }
             Step::ToStore(parsed) => {
                 let key = parsed.record.instance.storage_key.clone();
                 let settle = Settle::new(&self.store, &key);
                 spooled.store_into(self.store.as_ref(), &key).await?;
-                (key, self.index.insert(parsed.record, replace).await, settle)
+                let uids = parsed.uids.clone();
+                let outcome = self.index.insert(parsed.record, replace).await;
+                (key, outcome, settle, uids)
             }
         };
         match outcome {
-            Ok(InsertOutcome::Inserted) => Ok(Outcome::Stored),
+            Ok(InsertOutcome::Inserted) => Ok((Outcome::Stored, uids)),
             Ok(InsertOutcome::Duplicate) => {
                 self.delete_quietly(&key).await;
-                Ok(Outcome::DuplicateKept)
+                Ok((Outcome::DuplicateKept, uids))
             }
             Ok(InsertOutcome::Replaced { old_key }) => {
                 self.delete_quietly(&old_key).await;
-                Ok(Outcome::Replaced)
+                Ok((Outcome::Replaced, uids))
             }
             Err(e) => {
                 self.delete_quietly(&key).await;
@@ -417,6 +438,14 @@ fn check_expected(uids: &ObjectUids, exp: &Expected) -> Result<(), IngestError> 
             "SOP Class UID in the data set ({}) differs from the command's Affected SOP Class UID ({})",
             uids.sop_class_uid, exp.sop_class_uid
         )));
+    }
+    if let Some(study) = &exp.study_instance_uid {
+        if &uids.study_uid != study {
+            return Err(IngestError::Invalid(format!(
+                "Study Instance UID in the data set ({}) differs from the study of the request ({study})",
+                uids.study_uid
+            )));
+        }
     }
     Ok(())
 }
