@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use axum::extract::{ConnectInfo, Request};
-use axum::http::{HeaderName, Method, StatusCode};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{Extensions, HeaderMap, HeaderName, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -15,15 +16,18 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use futures::TryStreamExt;
 use tokio::net::TcpListener;
+use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
+use tower_http::CompressionLevel;
 
-use crate::config::Config;
+use crate::config::{Config, HttpConfig};
 use crate::dicomweb::{self, WebState};
 use crate::dimse;
 use crate::index::Index;
 use crate::ingest::{spool, Ingestor};
 use crate::storage::{self, ObjectStore};
+use crate::viewer::{self, Viewer};
 
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
@@ -119,7 +123,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.render.thumbnail_size,
         )),
     });
-    let router = http_router(web, &config.http.cors_allowed_origins);
+    // The viewer reads from this gateway's DICOMweb: the configured public URL, else the page's origin.
+    let public_root = (!config.http.public_url.is_empty()).then(|| {
+        format!(
+            "{}{}",
+            config.http.public_url.trim_end_matches('/'),
+            dicomweb::ROOT
+        )
+    });
+    let ohif = Arc::new(Viewer::new(
+        config.viewer.dir.clone(),
+        viewer::PREFIX,
+        public_root.as_deref(),
+    ));
+    let router = http_router(web, ohif, &config.http);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
     let result = tokio::select! {
@@ -154,8 +171,20 @@ async fn shutdown_signal() {
     }
 }
 
-fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
+fn http_router(web: Arc<WebState>, ohif: Arc<Viewer>, http: &HttpConfig) -> Router {
+    let cors_origins = &http.cors_allowed_origins;
     let health_state = web.clone();
+    let (pages, download) = viewer::routers(web.clone(), ohif);
+    let wado_uri =
+        dicomweb::wado_uri_router(web.clone()).layer(axum::middleware::from_fn(audit_http));
+    let mut dicomweb = dicomweb::router(web).layer(axum::middleware::from_fn(audit_http));
+    if http.compression {
+        dicomweb = dicomweb.layer(
+            CompressionLayer::new()
+                .quality(CompressionLevel::Fastest)
+                .compress_when(is_json),
+        );
+    }
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -165,11 +194,10 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
                 async move { readiness(&state).await }
             }),
         )
-        .merge(dicomweb::wado_uri_router(web.clone()).layer(axum::middleware::from_fn(audit_http)))
-        .nest(
-            dicomweb::ROOT,
-            dicomweb::router(web).layer(axum::middleware::from_fn(audit_http)),
-        )
+        .merge(wado_uri)
+        .nest(dicomweb::ROOT, dicomweb)
+        .merge(download.layer(axum::middleware::from_fn(audit_http)))
+        .merge(pages)
         .layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
         let origins = if cors_origins.iter().any(|o| o == "*") {
@@ -199,6 +227,17 @@ fn http_router(web: Arc<WebState>, cors_origins: &[String]) -> Router {
         );
     }
     router
+}
+
+/// Only JSON answers are compressed: DICOM JSON is repetitive text that gzip's fastest level shrinks
+/// well, while pixel data is either compressed already or served as it is stored (ranged reads).
+fn is_json(_: StatusCode, _: axum::http::Version, headers: &HeaderMap, _: &Extensions) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with("application/dicom+json") || ct.starts_with("application/json")
+        })
 }
 
 /// Audit trail of DICOMweb reads: who (address), what (path), outcome. Target `audit`, so operators

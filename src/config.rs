@@ -21,6 +21,7 @@ pub struct Config {
     pub index: IndexConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    pub viewer: ViewerConfig,
     pub render: RenderConfig,
 }
 
@@ -98,6 +99,8 @@ pub struct HttpConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Answer DICOMweb DELETE of studies, series and instances (405 when false).
     pub allow_delete: bool,
+    /// gzip DICOM JSON answers (QIDO, metadata) for clients that accept it.
+    pub compression: bool,
     /// Largest STOW-RS request body, in bytes (413 above); each instance in it is also held to
     /// `[dimse] max_object_size`.
     pub max_stow_size: u64,
@@ -171,6 +174,22 @@ impl RuntimeConfig {
     }
 }
 
+/// The OHIF viewer served at `/viewer/` (fetched by `scripts/fetch-viewer`, never committed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewerConfig {
+    /// Directory holding OHIF's built `dist/` (its `index.html` at the top).
+    pub dir: PathBuf,
+}
+
+impl Default for ViewerConfig {
+    fn default() -> Self {
+        ViewerConfig {
+            dir: PathBuf::from("data/viewer"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -204,6 +223,7 @@ impl Default for HttpConfig {
             public_url: String::new(),
             cors_allowed_origins: vec!["*".into()],
             allow_delete: false,
+            compression: true,
             max_stow_size: 64 << 30,
         }
     }

@@ -8,6 +8,7 @@
 //! - [`index`]: the metadata index (SQLite) and the matching engine;
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
+//! - [`viewer`]: what a browser opens: the study browser at `/`, study downloads, OHIF at `/viewer/`;
 //! - [`render`]: frames decoded and rendered as JPEG / PNG / GIF (rendered, thumbnails, WADO-URI);
 //! - [`transcode`]: decompressing and re-encoding pixel data on retrieve (WADO-RS, C-MOVE / C-GET);
 //! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
@@ -24,6 +25,7 @@ pub mod reindex;
 pub mod render;
 pub mod storage;
 pub mod transcode;
+pub mod viewer;
 
 /// Implementation Class UID written in the file meta of objects we receive (a 2.25 UUID-derived UID).
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.171905823945102811361523185366407315847";

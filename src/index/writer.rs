@@ -195,6 +195,13 @@ impl WriterHandle {
         let mut conn = open(path)?;
         let checkpoint_conn = open(path)?;
         let db = path.to_path_buf();
+        // The database's and its WAL file's directory entries, durable before the first commit
+        // (`sync_wal` flushes the WAL file only).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(error = %e, "cannot flush the index's directory");
+            }
+        }
         let (tx, rx) = mpsc::channel(1024);
         let (writer_alive, writer_stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
