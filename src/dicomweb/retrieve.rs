@@ -16,7 +16,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use dicom_object::file::ReadPreamble;
 use dicom_object::OpenFileOptions;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc::Receiver;
 
 use super::error::ApiError;
@@ -27,7 +27,9 @@ use super::media::{
 use super::multipart::MultipartWriter;
 use super::{check_uids, WebState};
 use crate::index::StoredInstance;
+use crate::ingest::bulk::{swap_words, BulkValue};
 use crate::ingest::layout::{locate_frames, read_meta_extent, Extent, Layout};
+use crate::model::explicit_le::to_explicit_le_streamed;
 use crate::model::transcode::to_explicit_le;
 use crate::storage::{read_all, ObjectStore};
 use crate::transcode::{self, Form, TranscodeError, JPEG_LS_LOSSLESS};
@@ -199,9 +201,13 @@ async fn start_transcoding(
     inst: &StoredInstance,
     ts: &str,
 ) -> Result<Started, TranscodeError> {
-    let layout = transcode::parse_layout(&inst.frame_layout)?;
-    let bytes = read_all(store, &inst.storage_key).await?;
-    let mut pieces = transcode::stream(bytes, layout, ts.to_string(), Form::Part10);
+    let mut pieces = if ts == EXPLICIT_VR_LE && is_native(&inst.transfer_syntax_uid) {
+        reencode_streamed(store, &inst.storage_key).await?
+    } else {
+        let layout = transcode::parse_layout(&inst.frame_layout)?;
+        let bytes = read_all(store, &inst.storage_key).await?;
+        transcode::stream(bytes, layout, ts.to_string(), Form::Part10)
+    };
     match pieces.recv().await {
         Some(Ok(first)) => Ok((pieces, first)),
         Some(Err(e)) => Err(e),
@@ -258,6 +264,59 @@ async fn send_instance(
         return Err(gone());
     }
     Ok(())
+}
+
+/// Re-encodes a native object to Explicit VR LE on a blocking thread as it is read from storage,
+/// a piece at a time (never the whole object in memory).
+async fn reencode_streamed(
+    store: &dyn ObjectStore,
+    key: &str,
+) -> Result<Receiver<Result<Bytes, TranscodeError>>, TranscodeError> {
+    let (_, mut stream) = store.get(key).await?;
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        while let Some(chunk) = stream.next().await {
+            if in_tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let input = ChannelReader {
+        rx: in_rx,
+        current: Bytes::new(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let gone = || std::io::Error::other("client disconnected");
+        let result = to_explicit_le_streamed(input, &mut |piece| {
+            tx.blocking_send(Ok(Bytes::from(piece))).map_err(|_| gone())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(TranscodeError::Failed(e.to_string())));
+        }
+    });
+    Ok(rx)
+}
+
+/// A blocking reader over a storage stream whose chunks the async side pulls and hands over
+/// through a small channel (for the re-encoding thread).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
 }
 
 /// Parses a 1-based frame list ("1,3,5").
@@ -445,23 +504,41 @@ async fn one_instance(
         .ok_or_else(|| ApiError::NotFound("no such instance".into()))
 }
 
-/// Where frames are read from: the stored object through its recorded layout, or (for encodings
-/// that cannot be addressed by offset: deflated, big endian) an in-memory Explicit VR LE copy.
+/// Where frames are read from: the stored object through its recorded layout (the words of big
+/// endian pixel data swapped as they are read), or (for a deflated data set, which cannot be
+/// addressed by offset, and 8-bit big endian pixel data) an in-memory Explicit VR LE copy.
 enum FrameSource {
-    Stored { key: String, layout: Layout },
-    Converted { bytes: Bytes, layout: Layout },
+    Stored {
+        key: String,
+        layout: Layout,
+        /// Size of the words to byte-swap (big endian pixel data), 0 for none.
+        swap: u8,
+    },
+    Converted {
+        bytes: Bytes,
+        layout: Layout,
+    },
 }
 
 impl FrameSource {
     async fn prepare(state: &WebState, inst: &StoredInstance) -> Result<FrameSource, ApiError> {
         let layout: Layout = serde_json::from_str(&inst.frame_layout)
             .map_err(|e| ApiError::Internal(format!("bad frame layout: {e}")))?;
-        let addressable =
-            !matches!(layout, Layout::Unavailable) && inst.transfer_syntax_uid != EXPLICIT_VR_BE;
-        if addressable {
+        // Big endian pixel data of more than 8 bits allocated is OW, swapped per sample; with 8 bits
+        // it may be OB (as stored) or OW (swapped in pairs), which the index does not tell: those
+        // objects are re-encoded.
+        let swap = match inst.bits_allocated {
+            _ if inst.transfer_syntax_uid != EXPLICIT_VR_BE => Some(0),
+            Some(16) => Some(2),
+            Some(32) => Some(4),
+            Some(64) => Some(8),
+            _ => None,
+        };
+        if let (false, Some(swap)) = (matches!(layout, Layout::Unavailable), swap) {
             return Ok(FrameSource::Stored {
                 key: inst.storage_key.clone(),
                 layout,
+                swap,
             });
         }
         let bytes = read_all(state.store.as_ref(), &inst.storage_key).await?;
@@ -557,10 +634,19 @@ async fn send_extent(
     while offset < end {
         let len = (end - offset).min(READ_PIECE);
         let piece = match source {
-            FrameSource::Stored { key, .. } => store
-                .get_range(key, offset, len)
-                .await
-                .map_err(std::io::Error::other)?,
+            FrameSource::Stored { key, swap, .. } => {
+                let piece = store
+                    .get_range(key, offset, len)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                if *swap > 1 {
+                    let mut words = piece.to_vec();
+                    swap_words(&mut words, *swap);
+                    Bytes::from(words)
+                } else {
+                    piece
+                }
+            }
             FrameSource::Converted { bytes, .. } => bytes
                 .get(offset as usize..(offset + len) as usize)
                 .map(|s| bytes.slice_ref(s))
@@ -635,7 +721,41 @@ pub async fn bulk(
             }
             writer.finish().await;
         });
+    } else if let Some(value) = recorded_value(&state, &inst, &path).await? {
+        // Recorded at ingest: streamed from a ranged read, never the whole object.
+        let (store, key) = (state.store.clone(), inst.storage_key.clone());
+        tokio::spawn(async move {
+            if !writer
+                .start_part("application/octet-stream", Some(&location))
+                .await
+            {
+                return;
+            }
+            let (mut offset, end) = (value.offset, value.offset + value.length);
+            while offset < end {
+                let len = (end - offset).min(READ_PIECE);
+                let piece = match store.get_range(&key, offset, len).await {
+                    Ok(piece) => piece,
+                    Err(e) => return writer.fail(std::io::Error::other(e)).await,
+                };
+                let piece = if value.swap > 1 {
+                    let mut words = piece.to_vec();
+                    swap_words(&mut words, value.swap);
+                    Bytes::from(words)
+                } else {
+                    piece
+                };
+                if !writer.send(piece).await {
+                    return;
+                }
+                offset += len;
+            }
+            if writer.end_part().await {
+                writer.finish().await;
+            }
+        });
     } else {
+        // Not recorded (an instance indexed before bulk data was): the object is parsed.
         let bytes = read_all(state.store.as_ref(), &inst.storage_key).await?;
         let path_owned = path.clone();
         let value = tokio::task::spawn_blocking(move || {
@@ -663,6 +783,28 @@ pub async fn bulk(
         &boundary,
         "application/octet-stream",
     ))
+}
+
+/// Where the value at a bulk path lies in the stored object, if ingest recorded it.
+async fn recorded_value(
+    state: &WebState,
+    inst: &StoredInstance,
+    path: &str,
+) -> Result<Option<BulkValue>, ApiError> {
+    let path = path.to_ascii_uppercase();
+    if !path.bytes().all(|b| b.is_ascii_hexdigit() || b == b'/') {
+        return Ok(None);
+    }
+    let value = state
+        .index
+        .bulk_value(
+            &inst.study_uid,
+            &inst.series_uid,
+            &inst.sop_instance_uid,
+            &path,
+        )
+        .await?;
+    Ok(value.flatten())
 }
 
 #[cfg(test)]

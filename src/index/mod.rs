@@ -37,6 +37,7 @@ pub struct StoredInstance {
     pub storage_key: String,
     pub size_bytes: u64,
     pub frame_layout: String,
+    pub bits_allocated: Option<i64>,
 }
 
 /// The instances of a study (?1), optionally narrowed to a series (?2) and an instance (?3), in
@@ -212,7 +213,8 @@ impl Index {
     ) -> sqlx::Result<Vec<StoredInstance>> {
         let rows = sqlx::query(&format!(
             "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
-                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout
+                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout,
+                    i.bits_allocated
              {INSTANCES_IN_SCOPE}"
         ))
         .bind(study_uid)
@@ -231,8 +233,34 @@ impl Index {
                 storage_key: r.get(5),
                 size_bytes: r.get::<i64, _>(6) as u64,
                 frame_layout: r.get(7),
+                bits_allocated: r.get(8),
             })
             .collect())
+    }
+
+    /// Where the value at a bulk path (`00420011`, `00081115/0/00091001`) lies in an instance's
+    /// stored object, as recorded at ingest: `None` when the instance is not indexed,
+    /// `Some(None)` when nothing is recorded at that path.
+    pub async fn bulk_value(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        sop_instance_uid: &str,
+        path: &str,
+    ) -> sqlx::Result<Option<Option<crate::ingest::bulk::BulkValue>>> {
+        // The path is hex digits, item numbers and slashes (checked by the caller): safe to quote.
+        let json_path = format!("$.\"{path}\"");
+        let row: Option<(Option<String>,)> = sqlx::query_as(&format!(
+            "SELECT CASE WHEN json_valid(i.bulk_data) THEN json_extract(i.bulk_data, ?4) END
+             {INSTANCES_IN_SCOPE}"
+        ))
+        .bind(study_uid)
+        .bind(series_uid)
+        .bind(sop_instance_uid)
+        .bind(json_path)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|(value,)| value.and_then(|v| serde_json::from_str(&v).ok())))
     }
 
     /// The instance that stands for a study or series in rendered images and thumbnails: the middle
@@ -250,7 +278,8 @@ impl Index {
                                WHERE i.series_pk = se.series_pk AND i.rows IS NOT NULL)
                  ORDER BY se.series_number, se.series_pk LIMIT 1)
              SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
-                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout
+                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout,
+                    i.bits_allocated
              FROM instances i
              JOIN series se ON se.series_pk = i.series_pk
              JOIN studies st ON st.study_pk = i.study_pk
@@ -272,6 +301,7 @@ impl Index {
             storage_key: r.get(5),
             size_bytes: r.get::<i64, _>(6) as u64,
             frame_layout: r.get(7),
+            bits_allocated: r.get(8),
         }))
     }
 

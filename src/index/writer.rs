@@ -541,8 +541,8 @@ fn insert(
         "INSERT INTO instances (sop_instance_uid, series_pk, study_pk, sop_class_uid,
             instance_number, rows, columns, bits_allocated, number_of_frames, content_date,
             content_time, acquisition_datetime, transfer_syntax_uid, storage_key, size_bytes,
-            metadata_json, frame_layout)
-         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            metadata_json, frame_layout, bulk_data)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     )?
     .execute(params![
         i.sop_instance_uid,
@@ -562,6 +562,7 @@ fn insert(
         i.size_bytes as i64,
         i.metadata_json,
         i.frame_layout,
+        i.bulk_data,
     ])?;
 
     // The instance counts were incremented by the upserts above; a new series also changes the

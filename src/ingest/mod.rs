@@ -12,6 +12,7 @@
 //!
 //! Architecture invariant: only this module writes objects to storage and rows to the index.
 
+pub mod bulk;
 mod delete;
 pub mod encoded;
 pub mod extract;
@@ -463,6 +464,8 @@ struct Header {
     ts_uid: String,
     obj: InMemDicomObject,
     uids: ObjectUids,
+    /// The values served as bulk data, and those left out of `obj`.
+    bulk: bulk::BulkPlan,
 }
 
 /// Parses a whole object (blocking): its header, then its pixel data's layout.
@@ -533,7 +536,15 @@ fn forecast(
         &uids.sop_instance_uid,
         key_suffix,
     );
-    let record = build_record(&header.obj, uids, &layout, &header.ts_uid, &key, 0);
+    let record = build_record(
+        &header.obj,
+        uids,
+        &layout,
+        &header.ts_uid,
+        &key,
+        0,
+        &header.bulk,
+    );
     Some(Forecast { layout, record })
 }
 
@@ -543,6 +554,30 @@ fn decode_header<R: Read + Seek>(
     dataset_start: u64,
     ts_uid: String,
 ) -> Result<Header, IngestError> {
+    // Large values are left out of what dicom-rs parses (see `bulk`).
+    let bulk = bulk::plan(reader, dataset_start, &ts_uid).map_err(|e| unparseable(&e))?;
+    let obj = if bulk.leaves_out_nothing() {
+        parse_elements(reader, dataset_start, &ts_uid)?
+    } else {
+        let mut view = bulk.view(reader).map_err(|e| unparseable(&e))?;
+        parse_elements(&mut view, dataset_start, &ts_uid)?
+    };
+    let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
+    Ok(Header {
+        dataset_start,
+        ts_uid,
+        obj,
+        uids,
+        bulk,
+    })
+}
+
+/// Parses the elements before the pixel data with dicom-rs, their text decoded.
+fn parse_elements<R: Read + Seek>(
+    reader: &mut R,
+    dataset_start: u64,
+    ts_uid: &str,
+) -> Result<InMemDicomObject, IngestError> {
     reader.rewind().map_err(|e| unparseable(&e))?;
     let mut obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
@@ -551,15 +586,9 @@ fn decode_header<R: Read + Seek>(
         .map_err(|e| unparseable(&e))?
         .into_inner();
     extract::resolve_unknown_vrs(&mut obj);
-    crate::model::charset::fix_text_encoding(&mut obj, reader, dataset_start, &ts_uid)
+    crate::model::charset::fix_text_encoding(&mut obj, reader, dataset_start, ts_uid)
         .map_err(|e| unparseable(&e))?;
-    let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
-    Ok(Header {
-        dataset_start,
-        ts_uid,
-        obj,
-        uids,
-    })
+    Ok(obj)
 }
 
 /// Completes the parse of a whole object whose header is read: locates its frames (checking every
@@ -577,6 +606,7 @@ fn complete<R: Read + Seek>(
         ts_uid,
         obj,
         uids,
+        bulk,
     } = header;
     let layout = locate_frames(reader, dataset_start, &ts_uid, &geometry(&obj))
         .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;
@@ -591,7 +621,7 @@ fn complete<R: Read + Seek>(
             record.instance.size_bytes = size;
             record
         }
-        _ => build_record(&obj, &uids, &layout, &ts_uid, &key, size),
+        _ => build_record(&obj, &uids, &layout, &ts_uid, &key, size, &bulk),
     };
     Ok(Parsed { uids, record })
 }

@@ -138,6 +138,7 @@ pub fn build(
     let policy = BulkPolicy {
         uri_prefix: "",
         inline_threshold: usize::MAX,
+        left_out: None,
     };
     to_json(&obj, &policy, None)
 }
