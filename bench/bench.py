@@ -1270,6 +1270,79 @@ def wait_disk_quiet(max_wait: float = 90.0, quiet_mb_per_s: float = 1.0) -> floa
     return time.monotonic() - start
 
 
+# Phase nagle: clients as they come. A DCMTK tool without TCP_NODELAY=1 in its environment (a modality on
+# DCMTK's defaults) and pynetdicom (which never sets it) leave Nagle's algorithm on: a C-STORE's data PDU
+# waits until its command PDU is acknowledged, so a server that delays its ACKs stalls every small C-STORE.
+# Each case runs with and without TCP_NODELAY on the client, on a fresh server; target: without it the rate
+# is at least 1/1.5 of the rate with it.
+NAGLE_CASES = (("storescu", "mr2k", "MR 64x64"), ("storescu", "ct500", "CT 512x512"),
+               ("pynetdicom", "mr2k", "MR 64x64"), ("pynetdicom", "ct500", "CT 512x512"))
+NAGLE_TARGET = 1.5
+
+
+def pynetdicom_store(srv: Server, files: list[Path], nodelay: bool) -> float:
+    """C-STORE every file on one pynetdicom association; returns the wall time of the association (the
+    files are read before the clock starts)."""
+    import socket as _socket
+
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title="BENCHPY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    for cx in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
+        ae.add_requested_context(cx[0], cx[1])
+    t0 = time.perf_counter()
+    assoc = ae.associate("127.0.0.1", srv.dimse_port, ae_title=srv.ae)
+    if not assoc.is_established:
+        raise BenchError("pynetdicom: association not established")
+    try:
+        if nodelay:
+            assoc.dul.socket.socket.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            if int(getattr(rsp, "Status", -1)) != 0:
+                raise BenchError(f"pynetdicom: C-STORE answered {rsp}")
+    finally:
+        assoc.release()
+        ae.shutdown()
+    return time.perf_counter() - t0
+
+
+def measure_nagle(kind: str, args, m: dict, cache: Path) -> dict:
+    out: dict = {}
+    for client, key, label in NAGLE_CASES:
+        files = sorted((cache / m[key]["dir"]).rglob("*.dcm"))
+        # No wait for a quiet disk here: what is compared is the pair of runs, seconds apart.
+        for nodelay in (True, False):
+            srv = make_server(kind, args)
+            try:
+                srv.start(args.ready_timeout)
+                if client == "storescu":
+                    env = DCMTK_ENV if nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+                    t0 = time.perf_counter()
+                    p = subprocess.run(storescu_cmd(srv, [cache / m[key]["dir"]]), env=env,
+                                       capture_output=True, text=True, timeout=args.ingest_timeout)
+                    wall = time.perf_counter() - t0
+                    if p.returncode != 0:
+                        raise BenchError(f"storescu rc={p.returncode}: {p.stdout[-300:]}{p.stderr[-300:]}")
+                else:
+                    wall = pynetdicom_store(srv, files, nodelay)
+                rate = len(files) / wall
+                out[f"{client}_{key}_{'nodelay' if nodelay else 'nagle'}"] = rate
+                log(f"  {kind} {client} {label} {'with' if nodelay else 'without'} TCP_NODELAY: "
+                    f"{len(files)} in {wall:.2f}s = {rate:.0f} inst/s")
+            except Exception as e:
+                out.setdefault("errors", []).append(f"{client} {label} nodelay={nodelay}: {e}")
+                log(f"  {kind} nagle {client} {label}: {e}")
+            finally:
+                srv.stop()
+                srv.cleanup(args.keep)
+                os.sync()
+    return out
+
+
 def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cache: Path) -> dict:
     res: dict = {"errors": []}
     phases = args.only
@@ -1307,6 +1380,11 @@ def bench_server(kind: str, args, m: dict, prof: dict, queries: list[dict], cach
             srv.stop()
             srv.cleanup(args.keep)
             os.sync()
+
+    if "nagle" in phases and kind == "gateway":
+        r = run_phase("nagle", lambda: measure_nagle(kind, args, m, cache))
+        if r:
+            res["nagle"] = r
 
     # Phase B: CT + 20k (4-way) on a fresh server, then QIDO / WADO
     need_small = "ingest" in phases or "qido" in phases or "qr" in phases
@@ -1676,6 +1754,19 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
                 lines.append(f"- gateway/Orthanc {label}, round by round: "
                              + ", ".join(f"{x:.2f}x" for x in paired)
                              + " (the table's ratio is their median)")
+    nag = get(gw, "nagle") if gw else None
+    if nag:
+        lines += ["", "Clients without TCP_NODELAY (gateway only; one association, fresh server per run; target: "
+                  f"the rate without TCP_NODELAY at least 1/{NAGLE_TARGET} of the rate with it):", "",
+                  "| client | objects | with TCP_NODELAY (inst/s) | without (inst/s) | with / without | target met |",
+                  "|---|---|---|---|---|---|"]
+        for client, key, label in NAGLE_CASES:
+            w, wo = nag.get(f"{client}_{key}_nodelay"), nag.get(f"{client}_{key}_nagle")
+            r = w / wo if w and wo else None
+            lines.append(f"| {client} | {m[key]['count']:,} {label} | {fmt(w, 0)} | {fmt(wo, 0)} | "
+                         f"{fmt(r, 2)} | {met(None if r is None else NAGLE_TARGET / r, 1.0)} |")
+        for e in nag.get("errors", []):
+            lines.append(f"- error: {e}")
     lines += ["", "Method: storescu `+sd +r` (TCP_NODELAY=1); rates = files sent / wall time of the storescu "
               "process(es), MB/s counts file bytes. storescp runs with `+B` (bit-preserving write) and "
               "`--fork` for the 4-way case. Orthanc runs with its defaults (SQLite index, "
@@ -1688,8 +1779,8 @@ def build_report(results: dict, m: dict, prof: dict, queries: list[dict], args, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts for a smoke run (~2 min)")
-    ap.add_argument("--only", default="ingest,qido,wado,qr",
-                    help="comma list of phases: ingest,qido,wado,qr (default: all)")
+    ap.add_argument("--only", default="ingest,qido,wado,qr,nagle",
+                    help="comma list of phases: ingest,qido,wado,qr,nagle (default: all)")
     ap.add_argument("--servers", default="storescp,orthanc,gateway",
                     help="comma list: storescp,orthanc,gateway (default: all)")
     ap.add_argument("--gateway-bin", default=str(REPO_DIR / "target/release/dicom-gateway"))
@@ -1721,7 +1812,7 @@ def main() -> int:
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     for p in args.only:
-        if p not in ("ingest", "qido", "wado", "qr"):
+        if p not in ("ingest", "qido", "wado", "qr", "nagle"):
             ap.error(f"unknown phase {p}")
     for s in args.servers:
         if s not in ("storescp", "orthanc", "gateway"):
@@ -1740,7 +1831,7 @@ def main() -> int:
         out_md = Path(args.out)
     elif args.quick:
         out_md = BENCH_DIR / "results-quick.md"
-    elif len(args.only) < 4 or len(args.servers) < 3:
+    elif len(args.only) < 5 or len(args.servers) < 3:
         out_md = BENCH_DIR / "results-partial.md"  # never clobber a full run's results.md
     else:
         out_md = BENCH_DIR / "results.md"

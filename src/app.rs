@@ -1,29 +1,36 @@
 //! Wiring: opens storage and index, recovers from an interrupted previous run, and serves DIMSE and
-//! HTTP until SIGINT/SIGTERM.
+//! HTTP until SIGINT/SIGTERM; then closes the listeners and lets the work in progress finish within
+//! `[runtime] shutdown_grace_secs`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{ConnectInfo, Request};
-use axum::http::{HeaderName, Method, StatusCode};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{Extensions, HeaderMap, HeaderName, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use futures::TryStreamExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
+use tower_http::CompressionLevel;
 
-use crate::config::Config;
+use crate::config::{Config, HttpConfig};
 use crate::dicomweb::{self, WebState};
 use crate::dimse;
+use crate::http_server;
 use crate::index::Index;
 use crate::ingest::{spool, Ingestor};
 use crate::storage::{self, ObjectStore};
+use crate::viewer::{self, Viewer};
 
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
@@ -37,11 +44,40 @@ pub fn init_logging(level: &str) {
         .init();
 }
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// Opens storage and index, and tells the storage how to make the index's commits durable.
+pub async fn open_store_and_index(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, Index)> {
     let store = storage::open(&config.storage).await?;
     let index = Index::open(&config.index.url, config.index.max_connections)
         .await
         .with_context(|| format!("opening index {}", config.index.url))?;
+    let synced = index.clone();
+    store.set_index_sync(Box::new(move || synced.sync_blocking()));
+    Ok((store, index))
+}
+
+/// `dicom-gateway reconcile`: the full reconcile (every stored key against the index) that start-up
+/// no longer runs when the storage records what may be unindexed; run while no gateway serves.
+pub async fn reconcile_all(config: Config) -> anyhow::Result<()> {
+    let (store, index) = open_store_and_index(&config).await?;
+    let spool_dir = config.spool_path();
+    std::fs::create_dir_all(&spool_dir)?;
+    let ingestor = Arc::new(Ingestor::new(
+        store.clone(),
+        index.clone(),
+        config.dimse.on_duplicate,
+        spool_dir,
+    )?);
+    if let Some(keys) = store.unsettled() {
+        reconcile_unsettled(&index, &ingestor, keys).await;
+    }
+    reconcile(store, index, ingestor).await;
+    Ok(())
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let (store, index) = open_store_and_index(&config).await?;
     let spool_dir = config.spool_path();
     std::fs::create_dir_all(&spool_dir)?;
     let stale = spool::clear_stale(&spool_dir)?;
@@ -55,7 +91,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         spool_dir,
     )?);
     // Before any listener opens, so that no new object can be mistaken for an orphan.
-    reconcile(store.clone(), index.clone(), ingestor.clone()).await;
+    match store.unsettled() {
+        Some(keys) => reconcile_unsettled(&index, &ingestor, keys).await,
+        None => reconcile(store.clone(), index.clone(), ingestor.clone()).await,
+    }
 
     let dimse_listener = TcpListener::bind(&config.dimse.bind)
         .await
@@ -63,11 +102,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(&config.http.bind)
         .await
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let store_for_close = store.clone();
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
         index: index.clone(),
         store: store.clone(),
+        shutdown: stopping.clone(),
     });
     let web = Arc::new(WebState {
         index,
@@ -76,26 +118,76 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
+        stow: dicomweb::stow::StowConfig {
+            max_request_size: config.http.max_stow_size,
+            max_object_size: config.dimse.max_object_size,
+            accept_private_sop_classes: config.dimse.accept_private_sop_classes,
+        },
+        qido_default_limit: config.http.qido_default_limit,
+        qido_max_limit: config.http.qido_max_limit,
+        renderer: Arc::new(crate::render::Renderer::new(
+            config.render.concurrency(),
+            config.render.thumbnail_size,
+        )),
     });
     let fhir = crate::fhir::start(&config.fhir, &config.http.bind, web.clone())?;
-    let router = http_router(web, fhir, &config.http.cors_allowed_origins);
+    // The viewer reads from this gateway's DICOMweb: the configured public URL, else the page's origin.
+    let public_root = (!config.http.public_url.is_empty()).then(|| {
+        format!(
+            "{}{}",
+            config.http.public_url.trim_end_matches('/'),
+            dicomweb::ROOT
+        )
+    });
+    let ohif = Arc::new(Viewer::new(
+        config.viewer.dir.clone(),
+        viewer::PREFIX,
+        public_root.as_deref(),
+    ));
+    let router = http_server::with_limits(http_router(web, fhir, ohif, &config.http), &config.http);
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
+    // Every association holds a slot until it ends: on shutdown, all slots back means all done.
+    let slots = Arc::new(Semaphore::new(config.dimse.max_associations));
+    let mut dimse_task = tokio::spawn(dimse::serve(dimse_listener, dimse_ctx, slots.clone()));
+    let http_config = config.http.clone();
+    let mut http_task = tokio::spawn(async move {
+        http_server::serve(http_listener, router, &http_config, stopping).await
+    });
     tokio::select! {
-        r = dimse::serve(dimse_listener, dimse_ctx) => r,
-        r = axum::serve(
-            // Responses are written in pieces; without TCP_NODELAY the last piece waits for the
-            // client's delayed ACK (~40 ms on Linux).
-            http_listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        ) => r.map_err(Into::into),
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+        r = &mut dimse_task => return r?,
+        r = &mut http_task => return r?,
+        _ = shutdown_signal() => {}
     }
+    // Drain: no new associations or connections; what is in progress finishes within the grace
+    // period (a C-STORE being received is received, stored and answered; an association between
+    // messages is aborted, a keep-alive connection between requests closed).
+    let grace = Duration::from_secs(config.runtime.shutdown_grace_secs);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: finishing work in progress"
+    );
+    let _ = stop.send(true);
+    let all_slots = u32::try_from(config.dimse.max_associations).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = dimse_task.await;
+        let _ = slots.acquire_many(all_slots).await;
+        let _ = http_task.await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("shut down: all associations and requests finished"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shut down: work still in progress after the grace period was cut off"
+        ),
+    }
+    // A clean stop leaves the next start nothing to reconcile (if no store is still in flight).
+    let closed = tokio::task::spawn_blocking(move || store_for_close.close()).await;
+    if let Ok(Err(e)) = closed {
+        tracing::warn!(error = %e, "storage not closed cleanly: the next start reconciles");
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -110,9 +202,22 @@ async fn shutdown_signal() {
 fn http_router(
     web: Arc<WebState>,
     fhir: Option<Arc<crate::fhir::FhirState>>,
-    cors_origins: &[String],
+    ohif: Arc<Viewer>,
+    http: &HttpConfig,
 ) -> Router {
+    let cors_origins = &http.cors_allowed_origins;
     let health_state = web.clone();
+    let (pages, download) = viewer::routers(web.clone(), ohif);
+    let wado_uri =
+        dicomweb::wado_uri_router(web.clone()).layer(axum::middleware::from_fn(audit_http));
+    let mut dicomweb = dicomweb::router(web).layer(axum::middleware::from_fn(audit_http));
+    if http.compression {
+        dicomweb = dicomweb.layer(
+            CompressionLayer::new()
+                .quality(CompressionLevel::Fastest)
+                .compress_when(is_json),
+        );
+    }
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -122,10 +227,10 @@ fn http_router(
                 async move { readiness(&state).await }
             }),
         )
-        .nest(
-            dicomweb::ROOT,
-            dicomweb::router(web).layer(axum::middleware::from_fn(audit_http)),
-        );
+        .merge(wado_uri)
+        .nest(dicomweb::ROOT, dicomweb)
+        .merge(download.layer(axum::middleware::from_fn(audit_http)))
+        .merge(pages);
     if let Some(fhir) = fhir {
         router =
             router.merge(crate::fhir::routes(fhir).layer(axum::middleware::from_fn(audit_http)));
@@ -140,7 +245,13 @@ fn http_router(
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS, Method::DELETE])
+                .allow_methods([
+                    Method::GET,
+                    Method::HEAD,
+                    Method::OPTIONS,
+                    Method::POST,
+                    Method::DELETE,
+                ])
                 .allow_headers([
                     HeaderName::from_static("authorization"),
                     HeaderName::from_static("accept"),
@@ -153,6 +264,17 @@ fn http_router(
         );
     }
     router
+}
+
+/// Only JSON answers are compressed: DICOM JSON is repetitive text that gzip's fastest level shrinks
+/// well, while pixel data is either compressed already or served as it is stored (ranged reads).
+fn is_json(_: StatusCode, _: axum::http::Version, headers: &HeaderMap, _: &Extensions) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with("application/dicom+json") || ct.starts_with("application/json")
+        })
 }
 
 /// Audit trail of DICOMweb reads: who (address), what (path), outcome. Target `audit`, so operators
@@ -190,6 +312,45 @@ async fn readiness(state: &WebState) -> impl IntoResponse {
             ),
         ),
     }
+}
+
+/// Start-up reconcile from what the storage says an interrupted run may have left unindexed (the
+/// keys its write-ahead log holds since the last checkpoint): each one still stored and not indexed
+/// under that key goes through ingest; then every key is settled. A clean shutdown leaves none.
+async fn reconcile_unsettled(index: &Index, ingestor: &Ingestor, keys: Vec<String>) {
+    let (mut recovered, mut failed) = (0usize, 0usize);
+    let total = keys.len();
+    for key in keys {
+        let indexed = match storage::sop_instance_uid_of_key(&key) {
+            Some(uid) => index.storage_key_of(uid).await.ok().flatten(),
+            None => None,
+        };
+        if indexed.as_deref() != Some(key.as_str()) {
+            match ingestor.store().exists(&key).await {
+                Ok(false) => {}
+                Ok(true) => match ingestor.index_stored_object(&key).await {
+                    Ok(outcome) => {
+                        recovered += 1;
+                        tracing::info!(
+                            key,
+                            ?outcome,
+                            "reconcile: indexed object stored by an interrupted run"
+                        );
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(key, error = %e, "reconcile: cannot index stored object");
+                    }
+                },
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(key, error = %e, "reconcile: cannot read storage");
+                }
+            }
+        }
+        ingestor.store().settle(&key);
+    }
+    tracing::info!(keys = total, recovered, failed, "reconcile finished");
 }
 
 /// Brings index and storage back in agreement after an interrupted run: objects stored but never

@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 pub const ENV_PREFIX: &str = "DICOMGW_";
+/// The largest `dimse.max_pdu_length` (16 MiB): a PDU is read whole into memory before it is split.
+pub const MAX_PDU_LENGTH: u32 = 16 << 20;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +24,8 @@ pub struct Config {
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
     pub fhir: FhirConfig,
+    pub viewer: ViewerConfig,
+    pub render: RenderConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -44,9 +48,15 @@ pub struct DimseConfig {
     /// Accept Storage SOP classes that are not in the standard dictionary (private classes).
     pub accept_private_sop_classes: bool,
     pub max_associations: usize,
+    /// Connections beyond `max_associations` being answered A-ASSOCIATE-RJ at once; past it, a
+    /// further connection is closed without an answer.
+    pub max_rejections_in_progress: usize,
     /// Largest PDU we accept (and announce) in bytes.
     pub max_pdu_length: u32,
+    /// Longest wait for one PDU, from when we start waiting to its last byte.
     pub read_timeout_secs: u64,
+    /// Longest time one DIMSE message (command and data set) may take to arrive, from its first PDU.
+    pub message_timeout_secs: u64,
     pub write_timeout_secs: u64,
     /// Largest object (dataset bytes) accepted by C-STORE; larger ones get A700.
     pub max_object_size: u64,
@@ -98,6 +108,24 @@ pub struct HttpConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Answer DICOMweb DELETE of studies, series and instances (405 when false).
     pub allow_delete: bool,
+    /// gzip DICOM JSON answers (QIDO, metadata) for clients that accept it.
+    pub compression: bool,
+    /// Largest STOW-RS request body, in bytes (413 above); each instance in it is also held to
+    /// `[dimse] max_object_size`.
+    pub max_stow_size: u64,
+    /// Largest request body, in bytes (413 beyond it).
+    pub max_body_size: usize,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_size: usize,
+    /// Requests handled at once; further ones wait for a free slot.
+    pub max_concurrent_requests: usize,
+    /// Seconds a request may take until its response starts (408 beyond it).
+    pub request_timeout_secs: u64,
+    /// Seconds a client has to send a request's head once it has started (slowloris).
+    pub header_read_timeout_secs: u64,
+    /// QIDO-RS results per page when the request has no `limit`, and the largest `limit` honoured.
+    pub qido_default_limit: u64,
+    pub qido_max_limit: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -334,12 +362,15 @@ pub struct IndexConfig {
     pub max_connections: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Threads running the network tasks (DIMSE associations, HTTP requests); 0 = half the CPUs,
     /// at least one.
     pub worker_threads: usize,
+    /// On SIGTERM / SIGINT: seconds the associations and HTTP requests in progress have to finish
+    /// once the listeners are closed, before the process exits anyway.
+    pub shutdown_grace_secs: u64,
 }
 
 impl RuntimeConfig {
@@ -353,6 +384,22 @@ impl RuntimeConfig {
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cpus / 2).max(1)
+    }
+}
+
+/// The OHIF viewer served at `/viewer/` (fetched by `scripts/fetch-viewer`, never committed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewerConfig {
+    /// Directory holding OHIF's built `dist/` (its `index.html` at the top).
+    pub dir: PathBuf,
+}
+
+impl Default for ViewerConfig {
+    fn default() -> Self {
+        ViewerConfig {
+            dir: PathBuf::from("data/viewer"),
+        }
     }
 }
 
@@ -371,8 +418,10 @@ impl Default for DimseConfig {
             check_called_ae: true,
             accept_private_sop_classes: false,
             max_associations: 64,
+            max_rejections_in_progress: 64,
             max_pdu_length: 65_536,
             read_timeout_secs: 60,
+            message_timeout_secs: 3600,
             write_timeout_secs: 60,
             max_object_size: 4 << 30,
             on_duplicate: DuplicatePolicy::KeepFirst,
@@ -389,6 +438,24 @@ impl Default for HttpConfig {
             public_url: String::new(),
             cors_allowed_origins: vec!["*".into()],
             allow_delete: false,
+            compression: true,
+            max_stow_size: 64 << 30,
+            max_body_size: 1 << 20,
+            max_header_size: 64 << 10,
+            max_concurrent_requests: 512,
+            request_timeout_secs: 60,
+            header_read_timeout_secs: 10,
+            qido_default_limit: 1000,
+            qido_max_limit: 1000,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: 0,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -424,6 +491,34 @@ impl Default for S3Config {
     }
 }
 
+/// Rendered images, thumbnails and WADO-URI (`[render]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RenderConfig {
+    /// Frames decoded and encoded at once (each on a blocking thread); 0 = the number of CPUs.
+    pub max_concurrent: usize,
+    /// The longest side of a thumbnail when the request gives no viewport, in pixels.
+    pub thumbnail_size: u32,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        RenderConfig {
+            max_concurrent: 0,
+            thumbnail_size: 128,
+        }
+    }
+}
+
+impl RenderConfig {
+    pub fn concurrency(&self) -> usize {
+        if self.max_concurrent > 0 {
+            return self.max_concurrent;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 impl Default for IndexConfig {
     fn default() -> Self {
         IndexConfig {
@@ -436,7 +531,7 @@ impl Default for IndexConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            level: "info".into(),
+            level: "info,jpeg2k=warn".into(),
         }
     }
 }
@@ -475,8 +570,20 @@ impl Config {
                 );
             }
         }
-        if self.dimse.max_pdu_length < 4096 {
-            bail!("dimse.max_pdu_length must be at least 4096");
+        if !(4096..=MAX_PDU_LENGTH).contains(&self.dimse.max_pdu_length) {
+            bail!("dimse.max_pdu_length must be 4096 to {MAX_PDU_LENGTH}");
+        }
+        if self.dimse.max_associations == 0 || self.http.max_concurrent_requests == 0 {
+            bail!("dimse.max_associations and http.max_concurrent_requests must be at least 1");
+        }
+        if self.http.max_header_size < 8192 {
+            // hyper's smallest read buffer.
+            bail!("http.max_header_size must be at least 8192");
+        }
+        if self.http.qido_default_limit == 0
+            || self.http.qido_max_limit < self.http.qido_default_limit
+        {
+            bail!("http.qido_default_limit must be at least 1 and at most http.qido_max_limit");
         }
         match self.storage.backend.as_str() {
             "filesystem" => {}

@@ -9,7 +9,11 @@
 //! - [`model`]: the DICOM JSON model and information model levels;
 //! - [`dicomweb`]: QIDO-RS and WADO-RS out;
 //! - [`fhir`]: FHIR R4 ImagingStudy served from the index and pushed to an EHR;
-//! - [`app`]: wiring, start-up recovery, HTTP server; [`config`]: configuration;
+//! - [`viewer`]: what a browser opens: the study browser at `/`, study downloads, OHIF at `/viewer/`;
+//! - [`render`]: frames decoded and rendered as JPEG / PNG / GIF (rendered, thumbnails, WADO-URI);
+//! - [`transcode`]: decompressing and re-encoding pixel data on retrieve (WADO-RS, C-MOVE / C-GET);
+//! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
+//!   [`config`]: configuration;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
@@ -17,11 +21,15 @@ pub mod config;
 pub mod dicomweb;
 pub mod dimse;
 pub mod fhir;
+pub mod http_server;
 pub mod index;
 pub mod ingest;
 pub mod model;
 pub mod reindex;
+pub mod render;
 pub mod storage;
+pub mod transcode;
+pub mod viewer;
 
 /// Implementation Class UID written in the file meta of objects we receive (a 2.25 UUID-derived UID).
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.171905823945102811361523185366407315847";

@@ -26,11 +26,21 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Reconcile storage and index in full: index every stored object the index lacks, report index
+    /// rows without an object. Start-up reconciles only what the storage's log says may be
+    /// unindexed; run this after storage was changed behind the gateway's back, while no gateway
+    /// serves the same storage.
+    Reconcile {
+        /// TOML configuration file naming the storage and the index (defaults as for `serve`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::Reindex { config }) = &cli.command;
+    let (Command::Serve { config } | Command::Reindex { config } | Command::Reconcile { config }) =
+        &cli.command;
     let config = Config::load(config.as_deref())?;
     app::init_logging(&config.log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -40,5 +50,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { .. } => runtime.block_on(app::serve(config)),
         Command::Reindex { .. } => runtime.block_on(reindex::run(config)),
+        Command::Reconcile { .. } => runtime.block_on(app::reconcile_all(config)),
     }
 }

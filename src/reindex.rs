@@ -16,7 +16,7 @@ use futures::StreamExt;
 use crate::config::Config;
 use crate::index::Index;
 use crate::ingest::{Ingestor, Outcome};
-use crate::storage::{self, sop_instance_uid_of_key};
+use crate::storage::sop_instance_uid_of_key;
 
 /// Objects read and indexed at once.
 const CONCURRENCY: usize = 4;
@@ -47,11 +47,8 @@ impl Counts {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let store = storage::open(&config.storage).await?;
+    let (store, index) = crate::app::open_store_and_index(&config).await?;
     store.health().await.context("storage is not reachable")?;
-    let index = Index::open(&config.index.url, config.index.max_connections)
-        .await
-        .with_context(|| format!("opening index {}", config.index.url))?;
     let spool_dir = config.spool_path();
     let ingestor = Ingestor::new(
         store.clone(),

@@ -13,6 +13,10 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     NotAcceptable(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("storage unavailable: {0}")]
@@ -36,6 +40,17 @@ impl From<crate::storage::StorageError> for ApiError {
     }
 }
 
+impl From<crate::transcode::TranscodeError> for ApiError {
+    fn from(e: crate::transcode::TranscodeError) -> Self {
+        use crate::transcode::TranscodeError;
+        match e {
+            TranscodeError::Refused(m) => ApiError::NotAcceptable(m),
+            TranscodeError::Failed(m) => ApiError::Internal(m),
+            TranscodeError::Storage(e) => e.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
@@ -43,6 +58,8 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };

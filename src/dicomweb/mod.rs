@@ -4,6 +4,9 @@
 //! - [`metadata`]: WADO-RS metadata, served from the DICOM JSON kept in the index;
 //! - [`retrieve`]: WADO-RS instances, frames and bulk data, streamed from storage;
 //! - [`delete`]: DELETE of studies, series and instances (off unless configured);
+//! - [`stow`]: STOW-RS, instances stored through ingest (the path C-STORE takes);
+//! - [`rendered`]: rendered images and thumbnails (JPEG, PNG, GIF) of studies, series, instances
+//!   and frames; [`wado_uri`]: WADO-URI, mounted at the server root (`/wado`);
 //! - [`media`], [`multipart`], [`error`]: content negotiation, streamed multipart bodies, errors.
 //!
 //! Architecture invariant: QIDO and metadata never touch object storage.
@@ -14,7 +17,10 @@ mod media;
 mod metadata;
 mod multipart;
 mod qido;
+mod rendered;
 mod retrieve;
+pub mod stow;
+mod wado_uri;
 
 use std::sync::Arc;
 
@@ -24,6 +30,7 @@ use axum::Router;
 
 use crate::index::Index;
 use crate::ingest::Ingestor;
+use crate::render::Renderer;
 use crate::storage::ObjectStore;
 pub use error::ApiError;
 
@@ -39,6 +46,12 @@ pub struct WebState {
     pub public_url: String,
     /// The port we listen on, for a Host header that names no port (some clients omit it).
     pub listen_port: u16,
+    pub stow: stow::StowConfig,
+    /// QIDO-RS page size without `limit`, and the largest `limit` honoured.
+    pub qido_default_limit: u64,
+    pub qido_max_limit: u64,
+    /// Rendered images, thumbnails and WADO-URI images.
+    pub renderer: Arc<Renderer>,
 }
 
 impl WebState {
@@ -84,12 +97,14 @@ fn base_url(public_url: &str, listen_port: u16, headers: &HeaderMap) -> String {
 
 pub fn router(state: Arc<WebState>) -> Router {
     Router::new()
-        .route("/studies", get(qido::studies))
+        .route("/studies", get(qido::studies).post(stow::store))
         .route("/series", get(qido::series))
         .route("/instances", get(qido::instances))
         .route(
             "/studies/{study}",
-            get(retrieve::study).delete(delete::study),
+            get(retrieve::study)
+                .post(stow::store_in_study)
+                .delete(delete::study),
         )
         .route("/studies/{study}/metadata", get(metadata::study))
         .route("/studies/{study}/series", get(qido::study_series))
@@ -122,6 +137,39 @@ pub fn router(state: Arc<WebState>) -> Router {
             "/studies/{study}/series/{series}/instances/{instance}/bulk/{*path}",
             get(retrieve::bulk),
         )
+        .route("/studies/{study}/rendered", get(rendered::study))
+        .route("/studies/{study}/thumbnail", get(rendered::study_thumbnail))
+        .route(
+            "/studies/{study}/series/{series}/rendered",
+            get(rendered::series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/thumbnail",
+            get(rendered::series_thumbnail),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/rendered",
+            get(rendered::instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+            get(rendered::instance_thumbnail),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+            get(rendered::frames),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail",
+            get(rendered::frames_thumbnail),
+        )
+        .with_state(state)
+}
+
+/// WADO-URI, mounted at the server root: `GET /wado?requestType=WADO&...`.
+pub fn wado_uri_router(state: Arc<WebState>) -> Router {
+    Router::new()
+        .route("/wado", get(wado_uri::wado))
         .with_state(state)
 }
 

@@ -3,7 +3,7 @@
 //! Query parameters become an [`index::query::Query`]; results are read from the index (attributes
 //! and the DICOM JSON stored at ingest) and streamed as a JSON array, row by row.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -11,16 +11,18 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use dicom_core::Tag;
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use futures::{StreamExt, TryStreamExt};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sqlx::Row;
 
 use super::error::ApiError;
+use super::media::{media_matches, parse_accept};
 use super::{check_uids, WebState};
-use crate::index::query::{vr_of, Arg, Level, Query};
-use crate::model::json::parse_tag;
+use crate::index::query::{is_uid_key, vr_of, Arg, Level, Query};
+use crate::index::results::{self, Match, ResultLevel};
+use crate::model::json::{self, parse_tag};
 
 /// What the client asked to have returned besides the default attributes.
 #[derive(Debug, Default)]
@@ -44,6 +46,9 @@ fn parse_search(level: Level, raw: Option<&str>) -> Result<Search, ApiError> {
         warnings: Vec::new(),
     };
     let mut unsupported = Vec::new();
+    // A UID key repeated (`StudyInstanceUID=a&StudyInstanceUID=b`) is one list of UIDs (PS3.18
+    // 8.3.4.1), matched once all its values are known.
+    let mut uid_lists: BTreeMap<Tag, Vec<String>> = BTreeMap::new();
     for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         match key.as_ref() {
             "limit" => {
@@ -101,6 +106,10 @@ fn parse_search(level: Level, raw: Option<&str>) -> Result<Search, ApiError> {
                 let tag = parse_tag(name).ok_or_else(|| {
                     ApiError::BadRequest(format!("unknown query parameter {name:?}"))
                 })?;
+                if is_uid_key(tag) {
+                    uid_lists.entry(tag).or_default().push(value.into_owned());
+                    continue;
+                }
                 let matched = search
                     .query
                     .add_match(tag, &value)
@@ -112,6 +121,16 @@ fn parse_search(level: Level, raw: Option<&str>) -> Result<Search, ApiError> {
                 search.includes.tags.insert(tag);
             }
         }
+    }
+    for (tag, values) in uid_lists {
+        let matched = search
+            .query
+            .add_match(tag, &values.join("\\"))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if !matched {
+            unsupported.push(json::tag_key(tag));
+        }
+        search.includes.tags.insert(tag);
     }
     if !unsupported.is_empty() {
         search.warnings.push(format!(
@@ -205,6 +224,7 @@ async fn run(
     series: Option<String>,
     raw: Option<&str>,
 ) -> Result<Response, ApiError> {
+    check_accept(headers)?;
     let mut search = parse_search(level, raw)?;
     if let Some(study) = &study {
         check_uids(&[study])?;
@@ -220,16 +240,26 @@ async fn run(
             .add_match(tags::SERIES_INSTANCE_UID, series)
             .map_err(bad)?;
     }
+    // The page: what the client asked for, at most the configured maximum; without `limit`, the
+    // default page. When the server's limit cut the results, a Warning says how many remain.
+    let asked = search.query.limit;
+    let page = asked.map_or(state.qido_default_limit, |n| n.min(state.qido_max_limit));
+    search.query.limit = Some(page);
+    if asked.is_none_or(|n| n > page) {
+        let remaining = remaining_after_page(&state, &search).await?;
+        if remaining > 0 {
+            let next = search.query.offset + page;
+            search.warnings.push(format!(
+                "299 dicom-gateway \"There are {remaining} additional results that can be requested (offset={next})\""
+            ));
+        }
+    }
     let base = state.base_url(headers);
     let sql = select_sql(&search);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, sqlx::Error>>(64);
     let pool = state.index.read_pool().clone();
     let (sql_text, args) = sql;
-    let builder = ResultBuilder {
-        level,
-        base,
-        includes: search.includes,
-    };
+    let builder = ResultBuilder::new(level, base, search.includes);
     tokio::spawn(async move {
         let q = crate::index::bind_args(sqlx::query(&sql_text), &args);
         let mut rows = q.fetch(&pool);
@@ -275,6 +305,42 @@ async fn run(
     Ok(resp)
 }
 
+/// QIDO-RS answers DICOM JSON only (PS3.18 10.6.2): an Accept that admits neither it nor
+/// `application/json` gets 406.
+fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
+    let header = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let header = (!header.trim().is_empty()).then_some(header.as_str());
+    let acceptable = parse_accept(header).iter().any(|a| {
+        !a.multipart
+            && (media_matches(&a.media_type, "application/dicom+json")
+                || media_matches(&a.media_type, "application/json"))
+    });
+    if acceptable {
+        Ok(())
+    } else {
+        Err(ApiError::NotAcceptable(
+            "search results are available as application/dicom+json only".into(),
+        ))
+    }
+}
+
+/// How many matches lie beyond the page the query asks for.
+async fn remaining_after_page(state: &WebState, search: &Search) -> Result<u64, ApiError> {
+    let (where_sql, mut args) = search.query.where_sql();
+    let from = search.query.level.from_sql();
+    let skip = search.query.offset + search.query.limit.unwrap_or(0);
+    args.push(Arg::Int(i64::try_from(skip).unwrap_or(i64::MAX)));
+    let sql = format!("SELECT COUNT(*) FROM (SELECT 1 {from} {where_sql} LIMIT -1 OFFSET ?)");
+    let q = crate::index::bind_args(sqlx::query(&sql), &args);
+    let row = q.fetch_one(state.index.read_pool()).await?;
+    Ok(row.get::<i64, _>(0).max(0) as u64)
+}
+
 fn bad(e: crate::index::query::MatchError) -> ApiError {
     ApiError::BadRequest(e.to_string())
 }
@@ -288,247 +354,81 @@ fn add_warnings(resp: &mut Response, warnings: &[String]) {
 }
 
 fn select_sql(search: &Search) -> (String, Vec<Arg>) {
-    let (where_sql, mut args) = search.query.where_sql();
-    let level = search.query.level;
-    let from = level.from_sql();
-    let needs_instance_json =
-        search.includes.all || search.includes.tags.iter().any(|t| !is_instance_column(*t));
-    let sql = match level {
-        Level::Study => format!(
-            "SELECT st.study_uid, st.attrs_json, st.modalities, st.num_series, st.num_instances
-             {from} {where_sql} ORDER BY st.study_pk"
-        ),
-        Level::Series => format!(
-            "SELECT st.study_uid, st.attrs_json, se.series_uid, se.attrs_json, se.num_instances
-             {from} {where_sql} ORDER BY se.series_pk"
-        ),
-        Level::Instance => format!(
-            "SELECT st.study_uid, st.attrs_json, se.series_uid, se.attrs_json,
-                    i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.rows, i.columns,
-                    i.bits_allocated, i.number_of_frames, {}
-             {from} {where_sql} ORDER BY i.instance_pk",
-            if needs_instance_json {
-                "i.metadata_json"
-            } else {
-                "NULL"
-            }
-        ),
-    };
+    let instance_json = search.includes.all
+        || search
+            .includes
+            .tags
+            .iter()
+            .any(|t| results::needs_instance_json(*t));
+    let (sql, mut args) = results::select_sql(
+        result_level(search.query.level),
+        &search.query,
+        instance_json,
+    );
     let limit = search.query.limit.map(|l| l as i64).unwrap_or(-1);
     args.push(Arg::Int(limit));
     args.push(Arg::Int(search.query.offset as i64));
     (format!("{sql} LIMIT ? OFFSET ?"), args)
 }
 
-/// Instance attributes answered from columns without reading the instance's JSON.
-const INSTANCE_COLUMN_TAGS: &[Tag] = &[
-    tags::SOP_CLASS_UID,
-    tags::SOP_INSTANCE_UID,
-    tags::INSTANCE_NUMBER,
-    tags::ROWS,
-    tags::COLUMNS,
-    tags::BITS_ALLOCATED,
-    tags::NUMBER_OF_FRAMES,
-    tags::STUDY_INSTANCE_UID,
-    tags::SERIES_INSTANCE_UID,
-];
-
-fn is_instance_column(tag: Tag) -> bool {
-    INSTANCE_COLUMN_TAGS.contains(&tag)
-        || crate::model::levels::STUDY_TAGS.contains(&tag)
-        || crate::model::levels::SERIES_TAGS.contains(&tag)
+fn result_level(level: Level) -> ResultLevel {
+    match level {
+        Level::Study => ResultLevel::Study,
+        Level::Series => ResultLevel::Series,
+        Level::Instance => ResultLevel::Instance,
+    }
 }
 
-/// Study attributes every study result carries (PS3.18 Table 10.6.3-3).
-const STUDY_RESULT_TAGS: &[Tag] = &[
-    tags::STUDY_DATE,
-    tags::STUDY_TIME,
-    tags::ACCESSION_NUMBER,
-    tags::REFERRING_PHYSICIAN_NAME,
-    tags::PATIENT_NAME,
-    tags::PATIENT_ID,
-    tags::PATIENT_BIRTH_DATE,
-    tags::PATIENT_SEX,
-    tags::STUDY_INSTANCE_UID,
-    tags::STUDY_ID,
-];
-
-const SERIES_RESULT_TAGS: &[Tag] = &[
-    tags::MODALITY,
-    tags::SERIES_DESCRIPTION,
-    tags::SERIES_INSTANCE_UID,
-    tags::SERIES_NUMBER,
-    tags::PERFORMED_PROCEDURE_STEP_START_DATE,
-    tags::PERFORMED_PROCEDURE_STEP_START_TIME,
-];
-
+/// Turns the index's matches into QIDO-RS results: the level's default attributes, the requested
+/// ones, and the RetrieveURL.
 struct ResultBuilder {
-    level: Level,
+    level: ResultLevel,
     base: String,
     includes: Includes,
-}
-
-fn key(tag: Tag) -> String {
-    format!("{:04X}{:04X}", tag.group(), tag.element())
-}
-
-fn parse_object(text: &str) -> Map<String, Value> {
-    serde_json::from_str(text).unwrap_or_default()
+    defaults: Vec<Tag>,
 }
 
 impl ResultBuilder {
+    fn new(level: Level, base: String, includes: Includes) -> ResultBuilder {
+        let level = result_level(level);
+        ResultBuilder {
+            level,
+            base,
+            includes,
+            defaults: results::default_tags(level),
+        }
+    }
+
     fn build(&self, row: &sqlx::sqlite::SqliteRow) -> String {
+        let found = Match::from_row(self.level, row, Some(&self.base));
         let mut out = Map::new();
-        let study_uid: String = row.get(0);
-        let study_json = parse_object(row.get::<&str, _>(1));
-        // Layers of stored attributes, most specific first, for includefield lookups.
-        let mut layers: Vec<Map<String, Value>> = Vec::with_capacity(3);
-        match self.level {
-            Level::Study => {
-                self.copy(&mut out, &study_json, STUDY_RESULT_TAGS);
-                let modalities: String = row.get(2);
-                let values: Vec<Value> = modalities
-                    .split('\\')
-                    .filter(|m| !m.is_empty())
-                    .map(|m| json!(m))
-                    .collect();
-                out.insert(key(tags::MODALITIES_IN_STUDY), element("CS", values));
-                out.insert(
-                    key(tags::NUMBER_OF_STUDY_RELATED_SERIES),
-                    element("IS", vec![json!(row.get::<i64, _>(3))]),
-                );
-                out.insert(
-                    key(tags::NUMBER_OF_STUDY_RELATED_INSTANCES),
-                    element("IS", vec![json!(row.get::<i64, _>(4))]),
-                );
-                out.insert(
-                    key(tags::RETRIEVE_URL),
-                    element(
-                        "UR",
-                        vec![json!(format!("{}/studies/{study_uid}", self.base))],
-                    ),
-                );
-                layers.push(study_json);
-            }
-            Level::Series => {
-                let series_uid: String = row.get(2);
-                let series_json = parse_object(row.get::<&str, _>(3));
-                self.copy(&mut out, &series_json, SERIES_RESULT_TAGS);
-                out.insert(
-                    key(tags::STUDY_INSTANCE_UID),
-                    element("UI", vec![json!(study_uid)]),
-                );
-                out.insert(
-                    key(tags::NUMBER_OF_SERIES_RELATED_INSTANCES),
-                    element("IS", vec![json!(row.get::<i64, _>(4))]),
-                );
-                out.insert(
-                    key(tags::RETRIEVE_URL),
-                    element(
-                        "UR",
-                        vec![json!(format!(
-                            "{}/studies/{study_uid}/series/{series_uid}",
-                            self.base
-                        ))],
-                    ),
-                );
-                layers.push(series_json);
-                layers.push(study_json);
-            }
-            Level::Instance => {
-                let series_uid: String = row.get(2);
-                let series_json = parse_object(row.get::<&str, _>(3));
-                let sop: String = row.get(4);
-                out.insert(
-                    key(tags::STUDY_INSTANCE_UID),
-                    element("UI", vec![json!(study_uid)]),
-                );
-                out.insert(
-                    key(tags::SERIES_INSTANCE_UID),
-                    element("UI", vec![json!(series_uid)]),
-                );
-                out.insert(key(tags::SOP_INSTANCE_UID), element("UI", vec![json!(sop)]));
-                out.insert(
-                    key(tags::SOP_CLASS_UID),
-                    element("UI", vec![json!(row.get::<String, _>(5))]),
-                );
-                let numbers = [
-                    (tags::INSTANCE_NUMBER, "IS", 6),
-                    (tags::ROWS, "US", 7),
-                    (tags::COLUMNS, "US", 8),
-                    (tags::BITS_ALLOCATED, "US", 9),
-                    (tags::NUMBER_OF_FRAMES, "IS", 10),
-                ];
-                for (tag, vr, idx) in numbers {
-                    let v: Option<i64> = row.get(idx);
-                    out.insert(
-                        key(tag),
-                        element(vr, v.map(|v| json!(v)).into_iter().collect()),
-                    );
-                }
-                out.insert(
-                    key(tags::INSTANCE_AVAILABILITY),
-                    element("CS", vec![json!("ONLINE")]),
-                );
-                out.insert(
-                    key(tags::RETRIEVE_URL),
-                    element(
-                        "UR",
-                        vec![json!(format!(
-                            "{}/studies/{study_uid}/series/{series_uid}/instances/{sop}",
-                            self.base
-                        ))],
-                    ),
-                );
-                if let Some(text) = row.get::<Option<&str>, _>(11) {
-                    layers.push(parse_object(
-                        &text.replace(crate::ingest::extract::BASE_PLACEHOLDER, &self.base),
-                    ));
-                }
-                layers.push(series_json);
-                layers.push(study_json);
+        for tag in self.defaults.iter().chain(&self.includes.tags) {
+            let element = found
+                .get(*tag)
+                .cloned()
+                .unwrap_or_else(|| json::empty_element(vr_of(*tag)));
+            out.insert(json::tag_key(*tag), element);
+        }
+        let mut url = format!("{}/studies/{}", self.base, found.study_uid);
+        for (segment, uid) in [
+            ("series", &found.series_uid),
+            ("instances", &found.sop_instance_uid),
+        ] {
+            if let Some(uid) = uid {
+                url = format!("{url}/{segment}/{uid}");
             }
         }
+        out.insert(
+            json::tag_key(tags::RETRIEVE_URL),
+            json::text_element(VR::UR, &[&url]),
+        );
         if self.includes.all {
-            if let Some(own) = layers.first() {
-                for (k, v) in own {
-                    out.entry(k.clone()).or_insert_with(|| v.clone());
-                }
+            for (k, v) in found.own_level() {
+                out.entry(k.clone()).or_insert_with(|| v.clone());
             }
-        }
-        for tag in &self.includes.tags {
-            let k = key(*tag);
-            if out.contains_key(&k) {
-                continue;
-            }
-            let found = layers.iter().find_map(|l| l.get(&k)).cloned();
-            out.insert(
-                k,
-                found.unwrap_or_else(|| json!({ "vr": vr_of(*tag).to_string() })),
-            );
         }
         // serde_json's Map is ordered by key (BTreeMap), which is tag order for 8-hex keys.
         Value::Object(out).to_string()
-    }
-
-    /// Copies `wanted` attributes from a stored level, as empty elements when absent.
-    fn copy(&self, out: &mut Map<String, Value>, from: &Map<String, Value>, wanted: &[Tag]) {
-        for tag in wanted {
-            let k = key(*tag);
-            let v = from
-                .get(&k)
-                .cloned()
-                .unwrap_or_else(|| json!({ "vr": vr_of(*tag).to_string() }));
-            out.insert(k, v);
-        }
-    }
-}
-
-fn element(vr: &str, values: Vec<Value>) -> Value {
-    if values.is_empty() {
-        json!({ "vr": vr })
-    } else {
-        json!({ "vr": vr, "Value": values })
     }
 }
 
@@ -583,6 +483,40 @@ mod tests {
         assert!(s.warnings[1].contains("PatientAge"));
         // The unmatched key is still returned.
         assert!(s.includes.tags.contains(&tags::PATIENT_AGE));
+    }
+
+    #[test]
+    fn a_repeated_uid_key_is_a_list_of_uids() {
+        let s = parse_search(
+            Level::Study,
+            Some("StudyInstanceUID=1.2.3&StudyInstanceUID=1.2.4,1.2.5&PatientID=X"),
+        )
+        .unwrap();
+        let (sql, args) = s.query.where_clause();
+        assert!(sql.contains("st.study_uid IN (?,?,?)"), "{sql}");
+        assert!(args.contains(&Arg::Text("1.2.4".into())));
+        assert!(s.includes.tags.contains(&tags::STUDY_INSTANCE_UID));
+    }
+
+    #[test]
+    fn accept_must_admit_dicom_json() {
+        let with = |accept: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(a) = accept {
+                h.insert("accept", HeaderValue::from_str(a).unwrap());
+            }
+            check_accept(&h).is_ok()
+        };
+        assert!(with(None));
+        assert!(with(Some("application/dicom+json")));
+        assert!(with(Some("application/json, text/plain;q=0.5")));
+        assert!(with(Some("*/*")));
+        assert!(with(Some("application/*")));
+        assert!(!with(Some("image/xyz")));
+        assert!(!with(Some(
+            "multipart/related; type=\"application/dicom+xml\""
+        )));
+        assert!(!with(Some("application/dicom+json;q=0")));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! to the DIMSE services.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dicom_ul::association::server::AsyncServerAssociation;
 use dicom_ul::association::Association;
@@ -18,7 +18,7 @@ use super::qr::{self, Request};
 use super::receive::{receive, Incoming, Pdv};
 use super::retrieve::OutContext;
 use super::store::PendingStore;
-use super::Context;
+use super::{stopped, Context};
 
 /// What the association is in the middle of receiving.
 enum State {
@@ -82,13 +82,32 @@ pub async fn run(
         },
     };
     let read_timeout = Duration::from_secs(ctx.config.read_timeout_secs);
+    let message_timeout = Duration::from_secs(ctx.config.message_timeout_secs);
     let max_pdu_length = ctx.config.max_pdu_length;
+    let mut shutdown = ctx.shutdown.clone();
+    // When the message being received started: a peer that trickles it (a PDU now and then, each
+    // in time) must still finish it within the message timeout.
+    let mut message_started: Option<Instant> = None;
     loop {
-        let pdu =
-            match tokio::time::timeout(read_timeout, receive(&mut assoc, max_pdu_length)).await {
+        let wait = match message_started {
+            Some(t) => read_timeout.min(message_timeout.saturating_sub(t.elapsed())),
+            None => read_timeout,
+        };
+        let next = tokio::time::timeout(wait, receive(&mut assoc, max_pdu_length));
+        let pdu = tokio::select! {
+            received = next => match received {
+                Err(_) if message_started.is_some_and(|t| t.elapsed() >= message_timeout) => {
+                    Err(ProtocolError::MessageTimeout)
+                }
                 Err(_) => Err(ProtocolError::Timeout),
                 Ok(result) => result,
-            };
+            },
+            // Between messages, a shutdown ends the association (receiving is cancel-safe); a
+            // message in progress is received, answered, and only then is the association ended.
+            _ = stopped(&mut shutdown), if message_started.is_none() => {
+                Err(ProtocolError::ShuttingDown)
+            }
+        };
         let result = match pdu {
             Ok(Incoming::PData(pdvs)) => conn.on_pdata(&mut assoc, pdvs).await,
             Ok(Incoming::Other(Pdu::ReleaseRQ)) => {
@@ -109,16 +128,24 @@ pub async fn run(
                 return;
             }
             tracing::warn!(calling_ae, error = %e, "aborting association");
-            if !matches!(e, ProtocolError::Network(_)) {
-                let _ = assoc
-                    .send(&Pdu::AbortRQ {
-                        source: AbortRQSource::ServiceProvider(
-                            AbortRQServiceProviderReason::UnexpectedPdu,
-                        ),
-                    })
-                    .await;
-            }
+            let reason = match e {
+                ProtocolError::Network(_) => return,
+                ProtocolError::ShuttingDown
+                | ProtocolError::Timeout
+                | ProtocolError::MessageTimeout => AbortRQServiceProviderReason::ReasonNotSpecified,
+                _ => AbortRQServiceProviderReason::UnexpectedPdu,
+            };
+            let _ = assoc
+                .send(&Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(reason),
+                })
+                .await;
             return;
+        }
+        if conn.between_messages() {
+            message_started = None;
+        } else if message_started.is_none() {
+            message_started = Some(Instant::now());
         }
     }
 }
@@ -229,6 +256,11 @@ impl Connection<'_> {
                 "fragment of an unexpected type or presentation context".into(),
             )),
         }
+    }
+
+    /// No message is being received (a shutdown may end the association now).
+    fn between_messages(&self) -> bool {
+        matches!(&self.state, State::Command { buf, .. } if buf.is_empty())
     }
 
     fn idle(&mut self) -> State {

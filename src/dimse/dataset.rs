@@ -49,14 +49,6 @@ pub fn has_non_ascii_text(obj: &InMemDicomObject) -> bool {
     })
 }
 
-/// Whether a transfer syntax keeps pixel data native (so an object can be re-encoded in another
-/// native transfer syntax without a codec).
-pub fn is_native(ts_uid: &str) -> bool {
-    TransferSyntaxRegistry
-        .get(ts_uid)
-        .is_some_and(|ts| !ts.is_encapsulated_pixel_data() && !ts.is_unsupported())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +95,5 @@ mod tests {
             );
             assert!(back.element(tags::STUDY_INSTANCE_UID).unwrap().is_empty());
         }
-        assert!(is_native("1.2.840.10008.1.2.1.99"));
-        assert!(!is_native("1.2.840.10008.1.2.4.50"));
     }
 }

@@ -1,7 +1,7 @@
 //! C-FIND SCP (PS3.4 C.4.1) for the Patient Root and Study Root models.
 //!
-//! Matching keys go through the index's matching engine (the one QIDO-RS uses); answers are built
-//! from the attributes stored in the index, never from object storage. Each matching row is sent as
+//! Matching keys go through the index's matching engine, and answers through its result layer
+//! (`index::results`), the ones QIDO-RS uses; answers come from the index, never from object storage. Each matching row is sent as
 //! a pending response as soon as the index yields it, and a C-CANCEL is looked for after each one.
 //! Text is answered in UTF-8 (ISO_IR 192) when it needs more than ASCII, which (0008,0005) then says.
 
@@ -13,9 +13,7 @@ use dicom_object::mem::InMemElement;
 use dicom_object::InMemDicomObject;
 use dicom_ul::association::server::AsyncServerAssociation;
 use futures::TryStreamExt;
-use serde_json::{Map, Value};
 use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
 use tokio::net::TcpStream;
 
 use super::command::{elem, field};
@@ -24,6 +22,7 @@ use super::peers::{self, Right};
 use super::qr::{self, status, Failure, Model, QrLevel, Request};
 use super::{dataset, Context};
 use crate::index::query::{vr_of, Query};
+use crate::index::results::{self, Match, ResultLevel};
 use crate::model::json::element_from_json;
 use crate::model::levels::PATIENT_TAGS;
 
@@ -62,68 +61,23 @@ fn plan(model: Model, identifier: &InMemDicomObject) -> Result<Plan, Failure> {
 }
 
 impl Plan {
+    fn result_level(&self) -> ResultLevel {
+        match self.level {
+            QrLevel::Patient => ResultLevel::Patient,
+            QrLevel::Study => ResultLevel::Study,
+            QrLevel::Series => ResultLevel::Series,
+            QrLevel::Image => ResultLevel::Instance,
+        }
+    }
+
     fn sql(&self) -> (String, Vec<crate::index::query::Arg>) {
-        let (where_sql, args) = self.query.where_sql();
-        let from = self.query.level.from_sql();
-        let sql = match self.level {
-            // One row per patient: the attributes of their latest study (the bare column comes
-            // from the MAX row in SQLite), and counts over all their studies.
-            QrLevel::Patient => format!(
-                "SELECT st.attrs_json, MAX(st.study_pk), COUNT(*), SUM(st.num_series),
-                        SUM(st.num_instances)
-                 {from} {where_sql} GROUP BY st.patient_id, st.issuer_of_patient_id"
-            ),
-            QrLevel::Study => format!(
-                "SELECT st.attrs_json, st.modalities, st.num_series, st.num_instances
-                 {from} {where_sql} ORDER BY st.study_pk"
-            ),
-            QrLevel::Series => format!(
-                "SELECT st.attrs_json, se.attrs_json, se.num_instances
-                 {from} {where_sql} ORDER BY se.series_pk"
-            ),
-            QrLevel::Image => format!(
-                "SELECT st.attrs_json, se.attrs_json, i.metadata_json
-                 {from} {where_sql} ORDER BY i.instance_pk"
-            ),
-        };
-        (sql, args)
+        results::select_sql(self.result_level(), &self.query, true)
     }
 
     /// The response identifier for one row: the requested keys only, plus Query/Retrieve Level and
     /// Specific Character Set (when the text needs one, or it was asked for).
     fn identifier(&self, row: &SqliteRow, ae_title: &str) -> InMemDicomObject {
-        let parse = |i: usize| -> Map<String, Value> {
-            serde_json::from_str(row.get::<&str, _>(i)).unwrap_or_default()
-        };
-        let int = |i: usize| row.get::<i64, _>(i).to_string();
-        // Stored attributes, most specific first; then values the index computes.
-        let mut computed: Vec<(Tag, VR, String)> = vec![
-            (tags::RETRIEVE_AE_TITLE, VR::AE, ae_title.to_string()),
-            (tags::INSTANCE_AVAILABILITY, VR::CS, "ONLINE".into()),
-        ];
-        let layers: Vec<Map<String, Value>> = match self.level {
-            QrLevel::Patient => {
-                computed.extend([
-                    (tags::NUMBER_OF_PATIENT_RELATED_STUDIES, VR::IS, int(2)),
-                    (tags::NUMBER_OF_PATIENT_RELATED_SERIES, VR::IS, int(3)),
-                    (tags::NUMBER_OF_PATIENT_RELATED_INSTANCES, VR::IS, int(4)),
-                ]);
-                vec![parse(0)]
-            }
-            QrLevel::Study => {
-                computed.extend([
-                    (tags::MODALITIES_IN_STUDY, VR::CS, row.get::<String, _>(1)),
-                    (tags::NUMBER_OF_STUDY_RELATED_SERIES, VR::IS, int(2)),
-                    (tags::NUMBER_OF_STUDY_RELATED_INSTANCES, VR::IS, int(3)),
-                ]);
-                vec![parse(0)]
-            }
-            QrLevel::Series => {
-                computed.push((tags::NUMBER_OF_SERIES_RELATED_INSTANCES, VR::IS, int(2)));
-                vec![parse(1), parse(0)]
-            }
-            QrLevel::Image => vec![parse(2), parse(1), parse(0)],
-        };
+        let found = Match::from_row(self.result_level(), row, None);
         let mut out = InMemDicomObject::new_empty();
         out.put(DataElement::new(
             tags::QUERY_RETRIEVE_LEVEL,
@@ -132,14 +86,11 @@ impl Plan {
         ));
         for key in &self.keys {
             let tag = key.tag();
-            let element = if let Some((_, vr, v)) = computed.iter().find(|(t, ..)| *t == tag) {
-                let values: Vec<String> = v.split('\\').map(str::to_string).collect();
-                DataElement::new(tag, *vr, PrimitiveValue::Strs(values.into()))
+            let element = if tag == tags::RETRIEVE_AE_TITLE {
+                DataElement::new(tag, VR::AE, ae_title)
             } else {
-                let hex = format!("{:04X}{:04X}", tag.group(), tag.element());
-                layers
-                    .iter()
-                    .find_map(|l| l.get(&hex))
+                found
+                    .get(tag)
                     .and_then(|json| element_from_json(tag, json))
                     .unwrap_or_else(|| empty(tag, key.vr()))
             };

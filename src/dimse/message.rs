@@ -20,8 +20,12 @@ use crate::storage::ByteStream;
 pub enum ProtocolError {
     #[error("{0}")]
     Violation(String),
-    #[error("peer idle for longer than the read timeout")]
+    #[error("no complete PDU from the peer within the read timeout")]
     Timeout,
+    #[error("message not received in full within the message timeout")]
+    MessageTimeout,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
     #[error("network error: {0}")]
     Network(String),
     #[error("association aborted by the peer")]

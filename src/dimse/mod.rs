@@ -1,7 +1,8 @@
 //! DIMSE in: the DICOM upper layer listener and the services it provides.
 //!
-//! - this file: accept loop, association cap, association negotiation (called AE title check,
-//!   presentation contexts, PDU size, timeouts);
+//! - this file: accept loop, association cap (and a cap on the rejections in progress);
+//! - [`negotiation`]: what an A-ASSOCIATE-RQ is answered (called AE title check, presentation
+//!   contexts and their IDs, PDU size, timeouts);
 //! - [`association`]: one association's message loop (PDV reassembly, release, abort);
 //! - [`command`]: command set encoding; [`message`]: multi-PDV messages and the commands that arrive
 //!   while an operation runs; [`dataset`]: identifiers to and from their transfer syntax;
@@ -10,10 +11,10 @@
 //!   [`move_`] and [`get`], with [`retrieve`] their shared C-STORE sub-operations, and [`peers`]
 //!   (who may query / retrieve, where move destinations are).
 //!
-//! Presentation contexts are accepted for any abstract syntax with one of our transfer syntaxes; the
-//! C-STORE handler then checks the SOP class against the standard dictionary (0122 otherwise), so the
-//! list of Storage SOP classes is the dictionary's, not ours. Likewise the Q/R handlers answer 0122
-//! to a SOP class that is not a Patient or Study Root model of their operation.
+//! Presentation contexts are accepted for the abstract syntaxes we serve (Verification, the Storage
+//! SOP classes of the standard dictionary, so the list is the dictionary's, not ours, and the
+//! Patient / Study Root Q/R models), with one of our transfer syntaxes; the C-STORE handler still
+//! checks the SOP class of each request (0122 otherwise), as do the Q/R handlers.
 
 mod association;
 mod command;
@@ -23,6 +24,7 @@ mod find;
 mod get;
 mod message;
 mod move_;
+mod negotiation;
 mod peers;
 mod qr;
 mod receive;
@@ -33,10 +35,9 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::association::server::{AccessControl, Negotiation, ServerAssociationOptions};
 use dicom_ul::pdu::{
-    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
-    AssociationRJServiceUserReason, AssociationRJSource, RequestorRoles, UserIdentity,
+    AbortRQSource, AssociationRJ, AssociationRJResult,
+    AssociationRJServiceProviderPresentationReason, AssociationRJSource,
 };
 use dicom_ul::Pdu;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,78 +101,41 @@ pub struct Context {
     /// Read by C-FIND (index only) and C-MOVE / C-GET (index, then storage); never written here.
     pub index: Index,
     pub store: Arc<dyn ObjectStore>,
+    /// Becomes true on shutdown: associations end at their next pause between messages.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Accepts associations only when they call our AE title (if so configured).
-struct CalledAeCheck {
-    enforce: bool,
-}
-
-impl AccessControl for CalledAeCheck {
-    fn check_access(
-        &self,
-        this_ae_title: &str,
-        _calling_ae_title: &str,
-        called_ae_title: &str,
-        _user_identity: Option<&UserIdentity>,
-    ) -> Result<(), AssociationRJServiceUserReason> {
-        if !self.enforce || called_ae_title.trim() == this_ae_title.trim() {
-            Ok(())
-        } else {
-            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
-        }
-    }
-}
-
-/// SCU/SCP role selection: a C-GET requester proposes the SCP role for the Storage SOP classes it
-/// wants to receive; the roles it asks for are granted as asked.
-struct Roles;
-
-impl Negotiation for Roles {
-    fn negotiate_roles(&self, _sop_class: &str, scu: bool, scp: bool) -> Option<RequestorRoles> {
-        Some(RequestorRoles { scu, scp })
-    }
-}
-
-type Options = ServerAssociationOptions<'static, CalledAeCheck, Roles>;
-
-fn association_options(config: &DimseConfig) -> Options {
-    let mut options = ServerAssociationOptions::new()
-        .ae_access_control(CalledAeCheck {
-            enforce: config.check_called_ae,
-        })
-        .ae_title(config.ae_title.clone())
-        .promiscuous(true)
-        .max_pdu_length(config.max_pdu_length)
-        .strict(true)
-        .read_timeout(Duration::from_secs(config.read_timeout_secs))
-        .write_timeout(config.write_timeout())
-        .with_negotiation(Roles)
-        .with_abstract_syntax(echo::VERIFICATION);
-    for ts in TRANSFER_SYNTAXES {
-        options = options.with_transfer_syntax(*ts);
-    }
-    options
-}
-
-/// Runs the DIMSE listener until the process stops.
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<()> {
-    let options = Arc::new(association_options(&ctx.config));
-    let slots = Arc::new(Semaphore::new(ctx.config.max_associations));
+/// Runs the DIMSE listener until `shutdown` fires; then stops accepting (associations in progress
+/// go on, each holding a permit of `slots`, which the caller waits for).
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    slots: Arc<Semaphore>,
+) -> anyhow::Result<()> {
+    let mut shutdown = ctx.shutdown.clone();
+    // A flood of connections beyond the association cap is answered A-ASSOCIATE-RJ, but each answer
+    // waits for the request and then for the peer to close: past this many at once, the connection
+    // is closed at once instead.
+    let rejecting = Arc::new(Semaphore::new(ctx.config.max_rejections_in_progress));
     tracing::info!(addr = %listener.local_addr()?, ae_title = %ctx.config.ae_title, "DIMSE listening");
     loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => {
+                tracing::info!("DIMSE listener closed: no new associations");
+                return Ok(());
             }
         };
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
-        let options = options.clone();
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
@@ -184,9 +148,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
                     // whole read timeout.
                     let request_timeout = Duration::from_secs(ctx.config.read_timeout_secs)
                         .min(ASSOCIATION_REQUEST_TIMEOUT);
-                    match tokio::time::timeout(request_timeout, options.establish_async(socket))
-                        .await
-                    {
+                    match tokio::time::timeout(request_timeout, establish(socket, &ctx)).await {
                         Ok(Ok(assoc)) => {
                             drop(linger);
                             association::run(assoc, &ctx, peer).await;
@@ -204,12 +166,51 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) -> anyhow::Result<(
                     drop(permit);
                 });
             }
-            Err(_) => {
-                tracing::warn!(%peer, "association limit reached, rejecting");
-                tokio::spawn(reject_busy(socket, ctx.config.read_timeout_secs));
-            }
+            Err(_) => match rejecting.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tracing::warn!(%peer, "association limit reached, rejecting");
+                    tokio::spawn(async move {
+                        reject_busy(socket, ctx.config.read_timeout_secs).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "association and rejection limits reached, closing")
+                }
+            },
         }
     }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone). The watch's guard is not held across
+/// an await of the caller.
+pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Negotiates an association on a new connection: the request is checked first (see
+/// [`negotiation`]); an invalid one is answered with A-ABORT.
+async fn establish(
+    mut socket: TcpStream,
+    ctx: &Context,
+) -> anyhow::Result<dicom_ul::association::server::AsyncServerAssociation<TcpStream>> {
+    let served =
+        match negotiation::peek_request(&socket, ctx.config.max_pdu_length, &ctx.config).await {
+            negotiation::Proposal::Invalid(why) => {
+                let abort = Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceUser,
+                };
+                let mut buf = Vec::new();
+                dicom_ul::write_pdu(&mut buf, &abort)?;
+                socket.write_all(&buf).await?;
+                anyhow::bail!("invalid A-ASSOCIATE-RQ, aborted: {why}");
+            }
+            negotiation::Proposal::Acceptable(served) => served,
+            negotiation::Proposal::Unread => Vec::new(),
+        };
+    Ok(negotiation::options(&ctx.config, served)
+        .establish_async(socket)
+        .await?)
 }
 
 /// Answers an association request with A-ASSOCIATE-RJ (transient, local limit exceeded).
@@ -224,8 +225,8 @@ async fn reject_busy(mut socket: TcpStream, timeout_secs: u64) {
         tokio::io::copy(&mut (&mut socket).take(len), &mut tokio::io::sink()).await?;
         Ok(true)
     };
-    let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(timeout_secs), read_request).await
-    else {
+    let timeout = Duration::from_secs(timeout_secs).min(ASSOCIATION_REQUEST_TIMEOUT);
+    let Ok(Ok(true)) = tokio::time::timeout(timeout, read_request).await else {
         return;
     };
     let rj = Pdu::AssociationRJ(AssociationRJ {

@@ -2,6 +2,14 @@
 //! carries, is cut out of the read buffer and split into its PDVs without copying (dicom-ul's reader
 //! copies each PDU twice: the PDU, then every PDV's data); other PDUs are parsed by dicom-ul. Both
 //! readers share the association's read buffer, so they can take turns.
+//!
+//! After every read the socket's delayed ACK is switched off again (`TCP_QUICKACK`, Linux), so that
+//! what was read is acknowledged at once. A requestor that leaves Nagle's algorithm on (DCMTK
+//! without `TCP_NODELAY=1` in its environment, pynetdicom) writes a C-STORE's command PDU and then
+//! holds its small data PDU back until the command is acknowledged; with the kernel's delayed ACK
+//! (40 ms, since we have nothing to answer yet) every small C-STORE would wait that long. Linux
+//! clears the flag by itself (it goes back to delayed ACKs once the connection looks interactive,
+//! i.e. after our responses), hence once per read, not once per connection.
 
 use std::io::Cursor;
 
@@ -58,8 +66,31 @@ where
                 "connection closed by the peer".into(),
             ));
         }
+        quick_ack(socket);
     }
 }
+
+/// Acknowledges what has been received now rather than after the delayed-ACK timeout, and keeps
+/// doing so for the next segments (until the kernel's heuristics turn delayed ACKs back on).
+#[cfg(target_os = "linux")]
+pub fn quick_ack(socket: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a c_int option value of the size passed.
+    // A failure (not a TCP socket any more) is harmless: only latency is at stake.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn quick_ack(_socket: &TcpStream) {}
 
 fn pdu_length(buf: &BytesMut) -> Option<usize> {
     let len = buf.get(2..PDU_HEADER)?;

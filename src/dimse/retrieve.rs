@@ -25,8 +25,8 @@ use super::qr::{self, status, Failure, Model, QrLevel, Request};
 use super::{dataset, Context};
 use crate::index::query::{Level, Query};
 use crate::ingest::layout::read_meta_extent;
-use crate::model::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 use crate::storage::{read_all, ObjectStore};
+use crate::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 
 /// The file meta group of a stored object is looked for in this many leading bytes at most.
 const META_READ: usize = 16 * 1024;
@@ -65,6 +65,8 @@ pub struct Instance {
     pub transfer_syntax_uid: String,
     pub storage_key: String,
     pub size_bytes: u64,
+    /// The frame layout ingest recorded (JSON), for decompressing.
+    pub frame_layout: String,
 }
 
 /// The instances an identifier names: every key goes through the matching engine, and the unique
@@ -99,7 +101,7 @@ pub async fn matching_instances(
     let (where_sql, args) = query.where_sql();
     let sql = format!(
         "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key,
-                i.size_bytes
+                i.size_bytes, i.frame_layout
          {} {where_sql}
          ORDER BY se.series_number, se.series_pk, i.instance_number, i.instance_pk",
         Level::Instance.from_sql()
@@ -113,6 +115,7 @@ pub async fn matching_instances(
                 transfer_syntax_uid: r.get(2),
                 storage_key: r.get(3),
                 size_bytes: r.get::<i64, _>(4) as u64,
+                frame_layout: r.get(5),
             })
             .try_collect()
             .await;
@@ -146,7 +149,8 @@ fn choose<'a>(contexts: &'a [OutContext], inst: &Instance) -> Option<Encoding<'a
     if let Some(c) = for_class().find(|c| c.transfer_syntax == inst.transfer_syntax_uid) {
         return Some(Encoding::AsStored(c.id));
     }
-    if !dataset::is_native(&inst.transfer_syntax_uid) {
+    // Else re-encoded (decompressed if need be) into a native syntax the receiver accepted.
+    if !crate::transcode::can_decode(&inst.transfer_syntax_uid) {
         return None;
     }
     [EXPLICIT_VR_LE, IMPLICIT_VR_LE].iter().find_map(|ts| {
@@ -157,8 +161,8 @@ fn choose<'a>(contexts: &'a [OutContext], inst: &Instance) -> Option<Encoding<'a
 }
 
 /// The presentation contexts to propose for sending `instances`: one per distinct SOP class and
-/// stored transfer syntax, plus one per SOP class of native objects offering Explicit and Implicit
-/// VR Little Endian for re-encoding; at most 128 (odd IDs 1-255).
+/// stored transfer syntax, plus one per SOP class of objects the transcoder can decode offering
+/// Explicit and Implicit VR Little Endian for re-encoding; at most 128 (odd IDs 1-255).
 pub fn proposed_contexts(instances: &[Instance]) -> Vec<(String, Vec<String>)> {
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for inst in instances {
@@ -169,7 +173,7 @@ pub fn proposed_contexts(instances: &[Instance]) -> Vec<(String, Vec<String>)> {
         if !out.contains(&stored) {
             out.push(stored);
         }
-        if dataset::is_native(&inst.transfer_syntax_uid) {
+        if crate::transcode::can_decode(&inst.transfer_syntax_uid) {
             let fallback = (
                 inst.sop_class_uid.clone(),
                 vec![EXPLICIT_VR_LE.to_string(), IMPLICIT_VR_LE.to_string()],
@@ -419,10 +423,8 @@ async fn prepare(
             let bytes = read_all(store.as_ref(), &inst.storage_key)
                 .await
                 .map_err(storage)?;
-            let ts = ts.to_string();
-            let data = tokio::task::spawn_blocking(move || transcode::to_dataset(&bytes, &ts))
+            let data = transcode::dataset(bytes, &inst.frame_layout, ts)
                 .await
-                .map_err(|e| SubOpError::Failed(e.to_string()))?
                 .map_err(|e| SubOpError::Failed(e.to_string()))?;
             Ok(Prepared {
                 pc,
@@ -577,6 +579,7 @@ mod tests {
             transfer_syntax_uid: ts.into(),
             storage_key: "k".into(),
             size_bytes: 0,
+            frame_layout: String::new(),
         }
     }
 
@@ -593,7 +596,7 @@ mod tests {
     const BE: &str = "1.2.840.10008.1.2.2";
 
     #[test]
-    fn stored_syntax_first_then_native_fallback_and_compressed_fails() {
+    fn stored_syntax_first_then_uncompressed_fallback() {
         let contexts = [ctx(1, CT, JPEG), ctx(3, CT, IMPLICIT_VR_LE)];
         assert_eq!(
             choose(&contexts, &inst(CT, JPEG)),
@@ -604,7 +607,15 @@ mod tests {
             Some(Encoding::Reencoded(3, IMPLICIT_VR_LE))
         );
         assert_eq!(choose(&contexts[..1], &inst(CT, BE)), None);
-        assert_eq!(choose(&contexts[1..], &inst(CT, JPEG)), None);
+        assert_eq!(
+            choose(&contexts[1..], &inst(CT, JPEG)),
+            Some(Encoding::Reencoded(3, IMPLICIT_VR_LE))
+        );
+        // Video is not decoded.
+        assert_eq!(
+            choose(&contexts[1..], &inst(CT, "1.2.840.10008.1.2.4.102")),
+            None
+        );
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl PendingStore {
         let expected = Expected {
             sop_class_uid: sop_class.clone(),
             sop_instance_uid: sop_instance.clone(),
+            study_instance_uid: None,
         };
         let mut pending = PendingStore {
             message_id,

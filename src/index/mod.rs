@@ -3,6 +3,7 @@
 //!
 //! - [`writer`]: the single writer task; batches concurrent inserts into one transaction (group commit).
 //! - [`query`]: the matching engine shared by QIDO-RS (and C-FIND): query model -> SQL.
+//! - [`results`]: the result layer they share: each level's rows and the attributes they answer.
 //! - [`record`]: what ingest hands to the index for one instance.
 //! - [`temporal`]: DA, TM and DT values normalised for storage and range matching.
 //!
@@ -14,6 +15,7 @@ pub mod fhir;
 pub mod outbox;
 pub mod query;
 pub mod record;
+pub mod results;
 pub mod temporal;
 mod writer;
 
@@ -37,6 +39,7 @@ pub struct StoredInstance {
     pub storage_key: String,
     pub size_bytes: u64,
     pub frame_layout: String,
+    pub bits_allocated: Option<i64>,
 }
 
 /// The instances of a study (?1), optionally narrowed to a series (?2) and an instance (?3), in
@@ -118,7 +121,9 @@ impl Index {
         &self.read
     }
 
-    /// Commits one instance (creating its study and series as needed) and returns once durable.
+    /// Commits one instance (creating its study and series as needed). The commit survives a crash
+    /// of the process at once, a power loss once flushed: at once when it replaced an instance,
+    /// otherwise by [`Index::sync_blocking`] (the storage calls it before it forgets the key).
     pub async fn insert(
         &self,
         record: InstanceRecord,
@@ -137,7 +142,24 @@ impl Index {
         self.writer.insert_gated_blocking(record, replace)
     }
 
-    /// Deletes the rows of the instances in `scope` in one transaction; returns their storage keys.
+    /// Makes every commit so far durable (blocking).
+    pub fn sync_blocking(&self) -> std::io::Result<()> {
+        writer::sync_wal(&self.path)
+    }
+
+    /// The storage key the index holds for an instance, from blocking code (as
+    /// [`Index::instance_exists_blocking`]).
+    pub fn storage_key_blocking(&self, sop_instance_uid: &str) -> rusqlite::Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        self.with_blocking_reader(|conn| {
+            conn.prepare_cached("SELECT storage_key FROM instances WHERE sop_instance_uid = ?")?
+                .query_row([sop_instance_uid], |row| row.get(0))
+                .optional()
+        })
+    }
+
+    /// Deletes the rows of the instances in `scope` in one transaction (flushed); returns their
+    /// storage keys.
     pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
         self.writer.delete(scope).await
     }
@@ -158,7 +180,14 @@ impl Index {
     /// Whether an instance is indexed, from blocking code (ingest's parse task): a query on this
     /// thread's own read-only connection instead of two hand-offs to sqlx's worker thread.
     pub fn instance_exists_blocking(&self, sop_instance_uid: &str) -> rusqlite::Result<bool> {
-        use rusqlite::OptionalExtension;
+        Ok(self.storage_key_blocking(sop_instance_uid)?.is_some())
+    }
+
+    /// Runs `f` on this thread's read-only connection (opened on first use).
+    fn with_blocking_reader<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
         BLOCKING_READER.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(p, _)| p != self.path.as_path()) {
@@ -171,11 +200,7 @@ impl Index {
                 *slot = Some((self.path.as_ref().clone(), conn));
             }
             let (_, conn) = slot.as_ref().expect("connection just opened");
-            let found = conn
-                .prepare_cached("SELECT 1 FROM instances WHERE sop_instance_uid = ?")?
-                .query_row([sop_instance_uid], |_| Ok(()))
-                .optional()?;
-            Ok(found.is_some())
+            f(conn)
         })
     }
 
@@ -195,7 +220,8 @@ impl Index {
     ) -> sqlx::Result<Vec<StoredInstance>> {
         let rows = sqlx::query(&format!(
             "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
-                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout
+                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout,
+                    i.bits_allocated
              {INSTANCES_IN_SCOPE}"
         ))
         .bind(study_uid)
@@ -214,8 +240,102 @@ impl Index {
                 storage_key: r.get(5),
                 size_bytes: r.get::<i64, _>(6) as u64,
                 frame_layout: r.get(7),
+                bits_allocated: r.get(8),
             })
             .collect())
+    }
+
+    /// Where the value at a bulk path (`00420011`, `00081115/0/00091001`) lies in an instance's
+    /// stored object, as recorded at ingest: `None` when the instance is not indexed,
+    /// `Some(None)` when nothing is recorded at that path.
+    pub async fn bulk_value(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        sop_instance_uid: &str,
+        path: &str,
+    ) -> sqlx::Result<Option<Option<crate::ingest::bulk::BulkValue>>> {
+        // The path is hex digits, item numbers and slashes (checked by the caller): safe to quote.
+        let json_path = format!("$.\"{path}\"");
+        let row: Option<(Option<String>,)> = sqlx::query_as(&format!(
+            "SELECT CASE WHEN json_valid(i.bulk_data) THEN json_extract(i.bulk_data, ?4) END
+             {INSTANCES_IN_SCOPE}"
+        ))
+        .bind(study_uid)
+        .bind(series_uid)
+        .bind(sop_instance_uid)
+        .bind(json_path)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|(value,)| value.and_then(|v| serde_json::from_str(&v).ok())))
+    }
+
+    /// The instance that stands for a study or series in rendered images and thumbnails: the middle
+    /// instance (by Instance Number) of the first series (in retrieve order) that has images.
+    pub async fn representative_instance(
+        &self,
+        study_uid: &str,
+        series_uid: Option<&str>,
+    ) -> sqlx::Result<Option<StoredInstance>> {
+        let row = sqlx::query(
+            "WITH chosen AS (
+                 SELECT se.series_pk FROM series se JOIN studies st ON st.study_pk = se.study_pk
+                 WHERE st.study_uid = ?1 AND (?2 IS NULL OR se.series_uid = ?2)
+                   AND EXISTS (SELECT 1 FROM instances i
+                               WHERE i.series_pk = se.series_pk AND i.rows IS NOT NULL)
+                 ORDER BY se.series_number, se.series_pk LIMIT 1)
+             SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid,
+                    i.transfer_syntax_uid, i.storage_key, i.size_bytes, i.frame_layout,
+                    i.bits_allocated
+             FROM instances i
+             JOIN series se ON se.series_pk = i.series_pk
+             JOIN studies st ON st.study_pk = i.study_pk
+             WHERE i.series_pk = (SELECT series_pk FROM chosen) AND i.rows IS NOT NULL
+             ORDER BY i.instance_number, i.instance_pk
+             LIMIT 1 OFFSET (SELECT COUNT(*) / 2 FROM instances
+                             WHERE series_pk = (SELECT series_pk FROM chosen) AND rows IS NOT NULL)",
+        )
+        .bind(study_uid)
+        .bind(series_uid)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|r| StoredInstance {
+            study_uid: r.get(0),
+            series_uid: r.get(1),
+            sop_instance_uid: r.get(2),
+            sop_class_uid: r.get(3),
+            transfer_syntax_uid: r.get(4),
+            storage_key: r.get(5),
+            size_bytes: r.get::<i64, _>(6) as u64,
+            frame_layout: r.get(7),
+            bits_allocated: r.get(8),
+        }))
+    }
+
+    /// A cached thumbnail of the stored copy `storage_key` (see `render::thumbnail`).
+    pub async fn thumbnail(
+        &self,
+        storage_key: &str,
+        variant: &str,
+    ) -> sqlx::Result<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT image FROM thumbnails WHERE storage_key = ? AND variant = ?")
+            .bind(storage_key)
+            .bind(variant)
+            .fetch_optional(&self.read)
+            .await
+    }
+
+    /// Caches a thumbnail; only ingest calls this (`Ingestor::cache_thumbnail`).
+    pub async fn cache_thumbnail(
+        &self,
+        sop_instance_uid: &str,
+        storage_key: &str,
+        variant: &str,
+        image: Vec<u8>,
+    ) -> Result<(), WriteError> {
+        self.writer
+            .cache_thumbnail(sop_instance_uid, storage_key, variant, image)
+            .await
     }
 
     /// Every storage key the index refers to (for reconciliation with storage).

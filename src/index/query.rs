@@ -162,6 +162,12 @@ pub static COLUMNS: &[Column] = &[
     ),
 ];
 
+/// Whether `tag` is matched as a list of UIDs (PS3.4 C.2.2.2.2), so that repeated query keys add
+/// to the list.
+pub fn is_uid_key(tag: Tag) -> bool {
+    column_for(tag).is_some_and(|c| matches!(c.kind, Kind::Uid))
+}
+
 pub fn column_for(tag: Tag) -> Option<&'static Column> {
     COLUMNS.iter().find(|c| c.tag == tag)
 }

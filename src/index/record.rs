@@ -55,6 +55,9 @@ pub struct InstanceAttrs {
     pub metadata_json: String,
     /// Serialised `ingest::layout::Layout`.
     pub frame_layout: String,
+    /// Where the values served as BulkDataURIs (other than pixel data) lie in the stored object:
+    /// a JSON object, bulk path -> `ingest::bulk::BulkValue`.
+    pub bulk_data: String,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -89,6 +89,13 @@ enum Op {
     Delete(Scope),
     /// FHIR push bookkeeping (`outbox`).
     Outbox(OutboxOp),
+    /// A rendered thumbnail, kept while its instance row still holds `storage_key`.
+    CacheThumbnail {
+        sop_instance_uid: String,
+        storage_key: String,
+        variant: String,
+        image: Vec<u8>,
+    },
 }
 
 enum Done {
@@ -96,6 +103,7 @@ enum Done {
     /// The storage keys of the instances whose rows were deleted.
     Deleted(Vec<String>),
     Outbox(Vec<Claimed>),
+    Cached,
 }
 
 type Reply = oneshot::Sender<Result<Done, WriteError>>;
@@ -141,9 +149,11 @@ pub struct WriterHandle {
 /// already in place: sqlx's migrations ran first).
 fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    // NORMAL: a commit survives a process crash at once, and a power loss after the next sync of the
-    // filesystem (each object store syncs it). The index is derived from storage: an object whose
-    // row a power loss dropped is indexed again by the start-up reconcile.
+    // NORMAL: a commit survives a process crash at once, and a power loss only once the WAL file is
+    // flushed: at once for a batch that deletes or replaces (`sync_wal`, before the old objects are
+    // unlinked), otherwise before the storage forgets the keys whose rows it holds (the storage's
+    // checkpoint calls `sync_wal`); until then a row a power loss dropped is indexed again by
+    // start-up reconcile from the storage's unsettled keys.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
     )?;
@@ -151,6 +161,20 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
+}
+
+/// Makes every commit so far durable: a flush of the SQLite WAL file, which is what a commit under
+/// `synchronous = FULL` would have flushed. Committed frames are already written to it (with
+/// NORMAL only the flush is skipped), so a flush through another descriptor covers them.
+pub fn sync_wal(db: &Path) -> std::io::Result<()> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    match std::fs::File::open(&wal) {
+        Ok(f) => f.sync_data(),
+        // No WAL file: nothing committed since the last checkpoint truncated it away.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The checkpoint thread: every [`CHECKPOINT_EVERY`], a PASSIVE checkpoint (it waits for neither
@@ -174,12 +198,20 @@ impl WriterHandle {
     pub fn spawn(path: &Path) -> rusqlite::Result<WriterHandle> {
         let mut conn = open(path)?;
         let checkpoint_conn = open(path)?;
+        let db = path.to_path_buf();
+        // The database's and its WAL file's directory entries, durable before the first commit
+        // (`sync_wal` flushes the WAL file only).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(error = %e, "cannot flush the index's directory");
+            }
+        }
         let (tx, rx) = mpsc::channel(1024);
         let (writer_alive, writer_stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("index-writer".into())
             .spawn(move || {
-                run(&mut conn, rx);
+                run(&mut conn, &db, rx);
                 drop(writer_alive);
             })
             .expect("spawn index writer thread");
@@ -222,6 +254,24 @@ impl WriterHandle {
         }
     }
 
+    /// Caches a thumbnail of the stored copy `storage_key` of an instance (ignored if one is
+    /// cached already, or if the instance no longer has that copy).
+    pub async fn cache_thumbnail(
+        &self,
+        sop_instance_uid: &str,
+        storage_key: &str,
+        variant: &str,
+        image: Vec<u8>,
+    ) -> Result<(), WriteError> {
+        let op = Op::CacheThumbnail {
+            sop_instance_uid: sop_instance_uid.to_string(),
+            storage_key: storage_key.to_string(),
+            variant: variant.to_string(),
+            image,
+        };
+        self.send(op).await.map(|_| ())
+    }
+
     /// Queues an insert that commits only once the returned gate is opened (blocking: called from
     /// ingest's blocking task, which then stores the object and opens the gate).
     pub fn insert_gated_blocking(
@@ -261,7 +311,7 @@ impl WriterHandle {
 
 /// Takes whatever requests are waiting (at least one, at most `MAX_BATCH`) and commits them
 /// together, until every handle is dropped.
-fn run(conn: &mut Connection, mut rx: mpsc::Receiver<Request>) {
+fn run(conn: &mut Connection, db: &Path, mut rx: mpsc::Receiver<Request>) {
     while let Some(first) = rx.blocking_recv() {
         let mut requests = vec![first];
         while requests.len() < MAX_BATCH {
@@ -270,7 +320,34 @@ fn run(conn: &mut Connection, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        for (reply, result) in commit_batch(conn, requests) {
+        let mut answers = commit_batch(conn, requests);
+        // A deletion or a replacement is acknowledged, and its old objects unlinked, only once
+        // its commit is durable: a lost commit would bring back rows whose objects are gone.
+        let durable_needed = answers.iter().any(|(_, r)| match r {
+            Ok(Done::Deleted(keys)) => !keys.is_empty(),
+            Ok(Done::Inserted(InsertOutcome::Replaced { .. })) => true,
+            _ => false,
+        });
+        if durable_needed {
+            if let Err(e) = sync_wal(db) {
+                // Committed but maybe not durable: no old object may go. A deletion fails (its
+                // objects stay, their keys unsettled until reconcile); a replacement keeps the old
+                // copy (reconcile drops it once the new row is known durable).
+                tracing::error!(error = %e, "index commit flush failed");
+                for (_, result) in answers.iter_mut() {
+                    match result {
+                        Ok(Done::Deleted(_)) => {
+                            *result = Err(WriteError::Database(format!("commit not flushed: {e}")))
+                        }
+                        Ok(Done::Inserted(outcome @ InsertOutcome::Replaced { .. })) => {
+                            *outcome = InsertOutcome::Inserted
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for (reply, result) in answers {
             let _ = reply.send(result);
         }
     }
@@ -281,6 +358,20 @@ fn apply(conn: &Connection, op: &Op) -> Result<Done, WriteError> {
         Op::Insert { record, replace } => insert(conn, record, *replace).map(Done::Inserted),
         Op::Delete(scope) => delete(conn, scope).map(Done::Deleted),
         Op::Outbox(op) => Ok(Done::Outbox(outbox::apply(conn, op)?)),
+        Op::CacheThumbnail {
+            sop_instance_uid,
+            storage_key,
+            variant,
+            image,
+        } => {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO thumbnails (storage_key, variant, image)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS
+                    (SELECT 1 FROM instances WHERE sop_instance_uid = ?4 AND storage_key = ?1)",
+            )?
+            .execute(params![storage_key, variant, image, sop_instance_uid])?;
+            Ok(Done::Cached)
+        }
     }
 }
 
@@ -463,8 +554,8 @@ fn insert(
         "INSERT INTO instances (sop_instance_uid, series_pk, study_pk, sop_class_uid,
             instance_number, rows, columns, bits_allocated, number_of_frames, content_date,
             content_time, acquisition_datetime, transfer_syntax_uid, storage_key, size_bytes,
-            metadata_json, frame_layout)
-         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            metadata_json, frame_layout, bulk_data)
+         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     )?
     .execute(params![
         i.sop_instance_uid,
@@ -484,6 +575,7 @@ fn insert(
         i.size_bytes as i64,
         i.metadata_json,
         i.frame_layout,
+        i.bulk_data,
     ])?;
 
     // The instance counts were incremented by the upserts above; a new series also changes the

@@ -6,6 +6,7 @@ use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
+use super::bulk::{BulkPlan, INLINE_MAX};
 use super::layout::{ImageGeometry, Layout};
 use crate::index::query::is_valid_uid;
 use crate::index::record::{InstanceAttrs, InstanceRecord, SeriesAttrs, StudyAttrs};
@@ -15,9 +16,6 @@ use crate::model::levels::{SERIES_TAGS, STUDY_TAGS};
 
 /// Placeholder that starts every stored BulkDataURI; replaced by the public base URL when served.
 pub const BASE_PLACEHOLDER: &str = "{{BASE}}";
-
-/// Binary values up to this size are returned inline (InlineBinary), larger ones as BulkDataURI.
-const INLINE_BINARY_MAX: usize = 1024;
 
 /// The identifying UIDs of an object, all validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +67,8 @@ pub fn resolve_unknown_vrs(obj: &mut InMemDicomObject) {
                 .by_tag(e.tag())
                 .and_then(|entry| entry.vr().exact())?;
             let bytes = e.value().to_bytes().ok()?.into_owned();
-            Some((e.tag(), vr, bytes))
+            // an empty value stays UN: it may be one left out as bulk data (see `bulk`)
+            (!bytes.is_empty()).then_some((e.tag(), vr, bytes))
         })
         .collect();
     for (tag, vr, bytes) in unknown {
@@ -161,7 +160,8 @@ fn subset(obj: &InMemDicomObject, keep: &[Tag]) -> InMemDicomObject {
     )
 }
 
-/// Builds the index record of a stored object.
+/// Builds the index record of a stored object; `bulk` says where its bulk data lies and which
+/// values were left out of `obj`.
 pub fn build_record(
     obj: &InMemDicomObject,
     uids: &ObjectUids,
@@ -169,6 +169,7 @@ pub fn build_record(
     transfer_syntax_uid: &str,
     storage_key: &str,
     size_bytes: u64,
+    bulk: &BulkPlan,
 ) -> InstanceRecord {
     let geometry = geometry(obj);
     let prefix = format!(
@@ -177,7 +178,8 @@ pub fn build_record(
     );
     let policy = BulkPolicy {
         uri_prefix: &prefix,
-        inline_threshold: INLINE_BINARY_MAX,
+        inline_threshold: INLINE_MAX as usize,
+        left_out: Some(&bulk.left_out),
     };
     let date = |tag| normalize_date(&text(obj, tag)).unwrap_or_default();
     let time = |tag| normalize_time(&text(obj, tag)).unwrap_or_default();
@@ -230,6 +232,7 @@ pub fn build_record(
         size_bytes,
         metadata_json: to_json_string(obj, &policy, pixel_data_element(layout, &geometry)),
         frame_layout: serde_json::to_string(layout).expect("layout serialises"),
+        bulk_data: bulk.values_json(),
     };
     InstanceRecord {
         study,

@@ -809,7 +809,7 @@ fn native_layout(value: Extent, g: &ImageGeometry, frames: u32) -> Layout {
 // ---------------------------------------------------------------------------------------------
 // dataset walking
 
-fn read_header<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<Header> {
+pub(super) fn read_header<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<Header> {
     let (mut header, long_length) = decode_header(enc, cur.read_array()?);
     if long_length {
         header.len = enc.u32(cur.read_array()?);
@@ -843,7 +843,11 @@ fn skip_undefined<R: Read + Seek>(
 /// Skip the items of an undefined-length value up to and including its sequence delimiter.
 /// Works for sequences as well as fragment sequences (items of defined length are skipped
 /// without looking inside).
-fn skip_items<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc, depth: u32) -> io::Result<()> {
+pub(super) fn skip_items<R: Read + Seek>(
+    cur: &mut Cursor<'_, R>,
+    enc: Enc,
+    depth: u32,
+) -> io::Result<()> {
     if depth > MAX_DEPTH {
         return Err(invalid("sequences nested too deeply"));
     }
@@ -889,7 +893,7 @@ fn skip_item_dataset<R: Read + Seek>(
 /// A forward-mostly reader over `R` with a fixed internal buffer. Skips are lazy (they only
 /// move the logical position); the underlying reader is sought only when the next read falls
 /// outside the buffered window.
-struct Cursor<'r, R> {
+pub(super) struct Cursor<'r, R> {
     inner: &'r mut R,
     buf: [u8; BUF_SIZE],
     /// File offset of `buf[0]`.
@@ -899,14 +903,14 @@ struct Cursor<'r, R> {
     /// Position of `inner`, if known.
     inner_pos: Option<u64>,
     /// Logical position: file offset of the next byte to read.
-    pos: u64,
+    pub(super) pos: u64,
     file_len: u64,
     /// Set for a walk that clears an object for dicom-rs (see [`skip_undefined`]).
     before_parse: bool,
 }
 
 impl<'r, R: Read + Seek> Cursor<'r, R> {
-    fn new(inner: &'r mut R) -> io::Result<Self> {
+    pub(super) fn new(inner: &'r mut R) -> io::Result<Self> {
         let file_len = inner.seek(SeekFrom::End(0))?;
         Ok(Cursor {
             inner,
@@ -934,11 +938,11 @@ impl<'r, R: Read + Seek> Cursor<'r, R> {
         }
     }
 
-    fn remaining(&self) -> u64 {
+    pub(super) fn remaining(&self) -> u64 {
         self.file_len.saturating_sub(self.pos)
     }
 
-    fn seek_to(&mut self, pos: u64) {
+    pub(super) fn seek_to(&mut self, pos: u64) {
         self.pos = pos;
     }
 
@@ -950,7 +954,7 @@ impl<'r, R: Read + Seek> Cursor<'r, R> {
         }
     }
 
-    fn skip(&mut self, n: u64) -> io::Result<()> {
+    pub(super) fn skip(&mut self, n: u64) -> io::Result<()> {
         self.check_available(n)?;
         self.pos += n;
         Ok(())
@@ -1032,7 +1036,7 @@ impl<'r, R: Read + Seek> Cursor<'r, R> {
     }
 }
 
-fn invalid(msg: &'static str) -> io::Error {
+pub(super) fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 

@@ -1,4 +1,4 @@
-//! Ingest: the one path by which objects enter the gateway (C-STORE now, STOW-RS later).
+//! Ingest: the one path by which objects enter the gateway (C-STORE and STOW-RS).
 //!
 //! 1. [`spool`]: the object is written to a spool file (Part-10) as it arrives, never held whole in memory.
 //! 2. [`extract`]: the header (everything before Pixel Data) is parsed, UIDs validated, the frame
@@ -12,12 +12,14 @@
 //!
 //! Architecture invariant: only this module writes objects to storage and rows to the index.
 
+pub mod bulk;
 mod delete;
 pub mod encoded;
 pub mod extract;
 mod inflate;
 pub mod layout;
 pub mod spool;
+mod thumbnail;
 
 use std::io::{Read, Seek};
 use std::path::PathBuf;
@@ -30,17 +32,21 @@ use dicom_object::{InMemDicomObject, OpenFileOptions};
 use crate::config::DuplicatePolicy;
 use crate::index::{Index, InsertOutcome, WriteError};
 use crate::storage::{instance_key, ObjectStore, PutPath, StorageError};
-use extract::{build_record, geometry, object_uids, ObjectUids};
+pub use extract::ObjectUids;
+use extract::{build_record, geometry, object_uids};
 use layout::{locate_frames, read_meta_extent, Layout};
 
 pub use delete::Removal;
 pub use spool::{SpoolFiles, SpoolWriter, Spooled};
 
-/// What the sender said the object is (from the C-STORE command), checked against the dataset.
+/// What the sender said the object is (from the C-STORE command, or a STOW-RS part's file meta
+/// information), checked against the dataset.
 #[derive(Debug, Clone)]
 pub struct Expected {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
+    /// The study the object must belong to (STOW-RS to `/studies/{study}`).
+    pub study_instance_uid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,14 +80,22 @@ pub struct Ingestor {
     spool: Arc<SpoolFiles>,
 }
 
+/// Objects up to this size have their index insert gated ([`Index::insert_gated_blocking`]): its
+/// statements run while the object is made durable, and the writer's batch waits for that. A
+/// larger object is made durable first and indexed after, so that its flush (seconds for a
+/// multi-GB object) never holds up the commits of other associations' C-STOREs.
+const GATED_UP_TO: u64 = 1 << 20;
+
 /// Where ingest's blocking task left an object.
 enum Step {
     /// Already indexed, and the policy keeps the first copy.
-    Duplicate,
+    Duplicate(ObjectUids),
     /// Durable in storage under `key`, and the outcome of its (gated) insert.
     Indexed {
         key: String,
         outcome: Result<InsertOutcome, WriteError>,
+        settle: Settle,
+        uids: ObjectUids,
     },
     /// Parsed; to be put into storage, then indexed.
     ToStore(Box<Parsed>),
@@ -169,6 +183,16 @@ impl Ingestor {
         expected: Option<&Expected>,
         early: Option<EarlyHeader>,
     ) -> Result<Outcome, IngestError> {
+        (self.ingest_identified(spooled, expected, early).await).map(|(outcome, _)| outcome)
+    }
+
+    /// [`Ingestor::ingest`], also returning the object's UIDs (for STOW-RS's RetrieveURLs).
+    pub async fn ingest_identified(
+        &self,
+        spooled: Spooled,
+        expected: Option<&Expected>,
+        early: Option<EarlyHeader>,
+    ) -> Result<(Outcome, ObjectUids), IngestError> {
         let early = match early {
             Some(EarlyHeader(task)) => task.await.ok().flatten(),
             None => None,
@@ -231,13 +255,48 @@ impl Ingestor {
                     None => false,
                 };
                 if indexed {
-                    return Ok(Step::Duplicate);
+                    return Ok(Step::Duplicate(parsed.uids));
                 }
                 if put_path == PutPath::Async {
                     spooled.finish_writes().map_err(spool_error)?;
                     return Ok(Step::ToStore(Box::new(parsed)));
                 }
                 let key = parsed.record.instance.storage_key.clone();
+                let uids = parsed.uids.clone();
+                // Settles the keys this store logged, however it ends (see `Settle`).
+                let mut settle = Settle::new(&store, &key);
+                if replace {
+                    // The copy this one may replace is logged before the index can forget it:
+                    // if the process dies after the commit but before the old copy is
+                    // deleted, reconcile finds it and drops it.
+                    let old = index
+                        .storage_key_blocking(&parsed.uids.sop_instance_uid)
+                        .map_err(|e| IngestError::Index(e.into()))?;
+                    if let Some(old) = old {
+                        store.intend_blocking(&[&old])?;
+                        settle.keys.push(old);
+                    }
+                }
+                if size > GATED_UP_TO {
+                    spooled.finish_writes().map_err(spool_error)?;
+                    if write_back {
+                        spooled.write_back().map_err(spool_error)?;
+                    }
+                    store.put_file_blocking(&key, spooled.path())?;
+                    // Stored: from here a failure must reach the caller, which deletes the object.
+                    let outcome = index
+                        .insert_gated_blocking(parsed.record, replace)
+                        .and_then(|(gate, pending)| {
+                            gate.open();
+                            pending.wait_blocking()
+                        });
+                    return Ok(Step::Indexed {
+                        key,
+                        outcome,
+                        settle,
+                        uids,
+                    });
+                }
                 // The insert's statements run while the object is made durable; its gate is
                 // dropped unopened if storing fails, and then nothing is committed.
                 let (gate, pending) = index.insert_gated_blocking(parsed.record, replace)?;
@@ -248,34 +307,47 @@ impl Ingestor {
                 store.put_file_blocking(&key, spooled.path())?;
                 gate.open();
                 let outcome = pending.wait_blocking();
-                Ok(Step::Indexed { key, outcome })
+                Ok(Step::Indexed {
+                    key,
+                    outcome,
+                    settle,
+                    uids,
+                })
             };
             let step = step();
             (spooled, step)
         });
         let (spooled, step) = job.await.expect("parse task panicked");
         // A refused object's or a resent duplicate's spool file is removed (dropped) before the answer.
-        let (key, outcome) = match step? {
-            Step::Duplicate => return Ok(Outcome::DuplicateKept),
-            Step::Indexed { key, outcome } => {
+        let (key, outcome, _settle, uids) = match step? {
+            Step::Duplicate(uids) => return Ok((Outcome::DuplicateKept, uids)),
+            Step::Indexed {
+                key,
+                outcome,
+                settle,
+                uids,
+            } => {
                 spooled.mark_stored();
-                (key, outcome)
+                (key, outcome, settle, uids)
             }
             Step::ToStore(parsed) => {
                 let key = parsed.record.instance.storage_key.clone();
+                let settle = Settle::new(&self.store, &key);
                 spooled.store_into(self.store.as_ref(), &key).await?;
-                (key, self.index.insert(parsed.record, replace).await)
+                let uids = parsed.uids.clone();
+                let outcome = self.index.insert(parsed.record, replace).await;
+                (key, outcome, settle, uids)
             }
         };
         match outcome {
-            Ok(InsertOutcome::Inserted) => Ok(Outcome::Stored),
+            Ok(InsertOutcome::Inserted) => Ok((Outcome::Stored, uids)),
             Ok(InsertOutcome::Duplicate) => {
                 self.delete_quietly(&key).await;
-                Ok(Outcome::DuplicateKept)
+                Ok((Outcome::DuplicateKept, uids))
             }
             Ok(InsertOutcome::Replaced { old_key }) => {
                 self.delete_quietly(&old_key).await;
-                Ok(Outcome::Replaced)
+                Ok((Outcome::Replaced, uids))
             }
             Err(e) => {
                 self.delete_quietly(&key).await;
@@ -316,9 +388,40 @@ impl Ingestor {
         }
     }
 
+    /// The storage's record of keys that may be left unindexed (see [`ObjectStore::settle`]).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     async fn delete_quietly(&self, key: &str) {
         if let Err(e) = self.store.delete(key).await {
             tracing::warn!(key, error = %e, "could not delete superseded object");
+        }
+    }
+}
+
+/// Settles the keys a C-STORE logged in storage ([`ObjectStore::settle`]) when dropped: once the
+/// ingest has ended, the object is indexed (the commit durable or flushed before the storage's
+/// next checkpoint), or it failed and the object was deleted; either way start-up reconcile no
+/// longer needs to look at it.
+struct Settle {
+    store: Arc<dyn ObjectStore>,
+    keys: Vec<String>,
+}
+
+impl Settle {
+    fn new(store: &Arc<dyn ObjectStore>, key: &str) -> Settle {
+        Settle {
+            store: store.clone(),
+            keys: vec![key.to_string()],
+        }
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.store.settle(key);
         }
     }
 }
@@ -335,6 +438,14 @@ fn check_expected(uids: &ObjectUids, exp: &Expected) -> Result<(), IngestError> 
             "SOP Class UID in the data set ({}) differs from the command's Affected SOP Class UID ({})",
             uids.sop_class_uid, exp.sop_class_uid
         )));
+    }
+    if let Some(study) = &exp.study_instance_uid {
+        if &uids.study_uid != study {
+            return Err(IngestError::Invalid(format!(
+                "Study Instance UID in the data set ({}) differs from the study of the request ({study})",
+                uids.study_uid
+            )));
+        }
     }
     Ok(())
 }
@@ -353,6 +464,8 @@ struct Header {
     ts_uid: String,
     obj: InMemDicomObject,
     uids: ObjectUids,
+    /// The values served as bulk data, and those left out of `obj`.
+    bulk: bulk::BulkPlan,
 }
 
 /// Parses a whole object (blocking): its header, then its pixel data's layout.
@@ -423,7 +536,15 @@ fn forecast(
         &uids.sop_instance_uid,
         key_suffix,
     );
-    let record = build_record(&header.obj, uids, &layout, &header.ts_uid, &key, 0);
+    let record = build_record(
+        &header.obj,
+        uids,
+        &layout,
+        &header.ts_uid,
+        &key,
+        0,
+        &header.bulk,
+    );
     Some(Forecast { layout, record })
 }
 
@@ -433,6 +554,30 @@ fn decode_header<R: Read + Seek>(
     dataset_start: u64,
     ts_uid: String,
 ) -> Result<Header, IngestError> {
+    // Large values are left out of what dicom-rs parses (see `bulk`).
+    let bulk = bulk::plan(reader, dataset_start, &ts_uid).map_err(|e| unparseable(&e))?;
+    let obj = if bulk.leaves_out_nothing() {
+        parse_elements(reader, dataset_start, &ts_uid)?
+    } else {
+        let mut view = bulk.view(reader).map_err(|e| unparseable(&e))?;
+        parse_elements(&mut view, dataset_start, &ts_uid)?
+    };
+    let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
+    Ok(Header {
+        dataset_start,
+        ts_uid,
+        obj,
+        uids,
+        bulk,
+    })
+}
+
+/// Parses the elements before the pixel data with dicom-rs, their text decoded.
+fn parse_elements<R: Read + Seek>(
+    reader: &mut R,
+    dataset_start: u64,
+    ts_uid: &str,
+) -> Result<InMemDicomObject, IngestError> {
     reader.rewind().map_err(|e| unparseable(&e))?;
     let mut obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
@@ -441,15 +586,9 @@ fn decode_header<R: Read + Seek>(
         .map_err(|e| unparseable(&e))?
         .into_inner();
     extract::resolve_unknown_vrs(&mut obj);
-    crate::model::charset::fix_text_encoding(&mut obj, reader, dataset_start, &ts_uid)
+    crate::model::charset::fix_text_encoding(&mut obj, reader, dataset_start, ts_uid)
         .map_err(|e| unparseable(&e))?;
-    let uids = object_uids(&obj).map_err(IngestError::Invalid)?;
-    Ok(Header {
-        dataset_start,
-        ts_uid,
-        obj,
-        uids,
-    })
+    Ok(obj)
 }
 
 /// Completes the parse of a whole object whose header is read: locates its frames (checking every
@@ -467,6 +606,7 @@ fn complete<R: Read + Seek>(
         ts_uid,
         obj,
         uids,
+        bulk,
     } = header;
     let layout = locate_frames(reader, dataset_start, &ts_uid, &geometry(&obj))
         .map_err(|e| IngestError::Unparseable(format!("pixel data: {e}")))?;
@@ -481,7 +621,7 @@ fn complete<R: Read + Seek>(
             record.instance.size_bytes = size;
             record
         }
-        _ => build_record(&obj, &uids, &layout, &ts_uid, &key, size),
+        _ => build_record(&obj, &uids, &layout, &ts_uid, &key, size, &bulk),
     };
     Ok(Parsed { uids, record })
 }

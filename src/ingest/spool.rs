@@ -140,6 +140,12 @@ impl SpoolWriter {
         SpoolWriter::create(files, false, false).await
     }
 
+    /// An empty spool file for an object that arrives whole as Part-10 (a STOW-RS part): written
+    /// like a C-STORE's data set, its first [`BUFFER`] bytes offered by [`SpoolWriter::take_prefix`].
+    pub async fn create_received(files: &SpoolFiles) -> std::io::Result<SpoolWriter> {
+        SpoolWriter::create(files, files.write_back_early, true).await
+    }
+
     async fn create(
         files: &SpoolFiles,
         write_back_early: bool,

@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-use dicom_core::header::Header;
+use dicom_core::header::{HasLength, Header};
 use dicom_core::value::{PrimitiveValue, Value};
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::StandardDataDictionary;
@@ -42,6 +42,9 @@ pub struct BulkPolicy<'a> {
     pub uri_prefix: &'a str,
     /// Binary values (OB, OD, OF, OL, OV, OW, UN) longer than this many bytes become BulkDataURI; shorter become InlineBinary (base64).
     pub inline_threshold: usize,
+    /// The bulk paths of values that were left out of the data set (read as empty, see
+    /// `ingest::bulk`): those elements get a BulkDataURI.
+    pub left_out: Option<&'a std::collections::BTreeSet<String>>,
 }
 
 /// Encode a dataset as one DICOM JSON object (keys: 8 uppercase hex tags, ascending; group 0002 and group-length
@@ -207,6 +210,33 @@ pub fn element_from_json(tag: Tag, json: &serde_json::Value) -> Option<InMemElem
     Some(InMemElement::new(tag, vr, value))
 }
 
+/// The DICOM JSON key of a tag: 8 uppercase hex digits.
+pub fn tag_key(tag: Tag) -> String {
+    format!("{:04X}{:04X}", tag.group(), tag.element())
+}
+
+/// An element without a value: `{"vr": ..}` (a requested attribute the object does not have).
+pub fn empty_element(vr: VR) -> serde_json::Value {
+    serde_json::json!({ "vr": vr.to_string() })
+}
+
+/// A text element (CS, UI, AE, UR...) of `values`; without values, an empty element.
+pub fn text_element(vr: VR, values: &[&str]) -> serde_json::Value {
+    if values.is_empty() {
+        return empty_element(vr);
+    }
+    serde_json::json!({ "vr": vr.to_string(), "Value": values })
+}
+
+/// A one-number element (IS, US, UL...; PS3.18 F.2.3: IS and DS are JSON numbers); without a
+/// value, an empty element.
+pub fn number_element(vr: VR, value: Option<i64>) -> serde_json::Value {
+    match value {
+        Some(n) => serde_json::json!({ "vr": vr.to_string(), "Value": [n] }),
+        None => empty_element(vr),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Internals
 // ---------------------------------------------------------------------------------------------
@@ -220,6 +250,7 @@ struct Ctx<'a> {
     /// BulkDataURI prefix, without trailing slashes.
     prefix: &'a str,
     inline_threshold: usize,
+    left_out: Option<&'a std::collections::BTreeSet<String>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -227,7 +258,21 @@ impl<'a> Ctx<'a> {
         Ctx {
             prefix: policy.uri_prefix.trim_end_matches('/'),
             inline_threshold: policy.inline_threshold,
+            left_out: policy.left_out.filter(|set| !set.is_empty()),
         }
+    }
+
+    /// Whether the element at `path` / `tag`, read empty, is a value left out of the data set.
+    fn was_left_out(&self, path: &Path<'_>, tag: Tag) -> bool {
+        self.left_out.is_some_and(|set| {
+            let uri = BulkUri {
+                prefix: "",
+                path,
+                tag,
+            }
+            .to_string();
+            set.contains(&uri[1..])
+        })
     }
 }
 
@@ -691,6 +736,18 @@ fn classify<'a>(element: &'a InMemElement, ctx: &'a Ctx<'a>, path: &'a Path<'a>)
                 tag,
             }),
         ),
+        Value::Primitive(_)
+            if element.length() == dicom_core::Length(0) && ctx.was_left_out(path, tag) =>
+        {
+            (
+                vr,
+                Body::Bulk(BulkUri {
+                    prefix: ctx.prefix,
+                    path,
+                    tag,
+                }),
+            )
+        }
         Value::Primitive(p) => classify_primitive(tag, vr, p, ctx, path),
     }
 }
@@ -1025,6 +1082,7 @@ mod tests {
         BulkPolicy {
             uri_prefix: PREFIX,
             inline_threshold: threshold,
+            left_out: None,
         }
     }
 
@@ -1654,6 +1712,7 @@ mod tests {
         let p = BulkPolicy {
             uri_prefix: "x/bulk/", // a trailing slash is not doubled
             inline_threshold: 4,
+            left_out: None,
         };
         let map = encode(&o, &p, None);
         // exactly at the threshold: inline; above: bulk

@@ -3,6 +3,7 @@
 //! syntaxes ([`transcode`]).
 
 pub mod charset;
+pub mod explicit_le;
 pub mod json;
 pub mod levels;
 pub mod transcode;

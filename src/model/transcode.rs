@@ -25,8 +25,14 @@ fn read_native(part10: &[u8]) -> std::io::Result<DefaultDicomObject> {
 
 /// Re-encodes a native Part-10 object as a Part-10 object in Explicit VR Little Endian.
 pub fn to_explicit_le(part10: &[u8]) -> std::io::Result<Vec<u8>> {
+    to_part10(part10, EXPLICIT_VR_LE)
+}
+
+/// Re-encodes a native Part-10 object as a Part-10 object in the little endian transfer syntax
+/// `ts_uid`.
+pub fn to_part10(part10: &[u8], ts_uid: &str) -> std::io::Result<Vec<u8>> {
     let mut obj = read_native(part10)?;
-    obj.update_meta(|meta| meta.transfer_syntax = EXPLICIT_VR_LE.to_string());
+    obj.update_meta(|meta| meta.transfer_syntax = ts_uid.to_string());
     let mut out = Vec::with_capacity(part10.len() + 64);
     obj.write_all(&mut out).map_err(std::io::Error::other)?;
     Ok(out)

@@ -5,9 +5,12 @@
 //! being stored at the same moment, then an unflushed rename into place. Larger objects are renamed
 //! into place and flushed themselves (data and directory); ingest has already written their data back
 //! (started as the spool file filled, waited for while it parsed: `Spooled::write_back`), so that
-//! flush only commits the journal. A crash before `put_file`
-//! returns can leave an unacknowledged object under its key; it has no index row, and start-up
-//! reconcile indexes it if it is whole or reports it.
+//! flush only commits the journal; before the rename, an intent record for its key is logged and
+//! flushed. Every logged key (put or intent) stays unsettled until ingest says its index commit is
+//! durable or failed ([`ObjectStore::settle`]); a log segment is checkpointed only once all its keys
+//! are settled, so after a crash the keys logged since the last checkpoint are all that start-up
+//! reconcile must look at ([`ObjectStore::unsettled`]): whatever an interrupted run stored without
+//! indexing is among them.
 
 use std::io::SeekFrom;
 use std::path::{Component, Path, PathBuf};
@@ -42,7 +45,11 @@ pub(super) fn key_path(root: &Path, key: &str) -> Result<PathBuf, StorageError> 
 impl FsStore {
     /// Opens (creating) the store at `root`, replaying its write-ahead log first (blocking).
     pub fn open(root: &Path) -> std::io::Result<FsStore> {
-        std::fs::create_dir_all(root)?;
+        if !root.is_dir() {
+            let parent = root.parent().filter(|p| !p.as_os_str().is_empty());
+            std::fs::create_dir_all(root)?;
+            sync_dir(parent.unwrap_or(Path::new(".")))?;
+        }
         let root = root.canonicalize()?;
         let wal = Wal::open(&root.join(".wal"), &root)?;
         Ok(FsStore { root, wal })
@@ -65,6 +72,9 @@ fn store_at(root: &Path, wal: &Wal, key: &str, src: &Path, dest: &Path) -> std::
     if std::fs::metadata(src)?.len() <= wal::LOGGED_UP_TO {
         return wal.put_blocking(key, src, dest);
     }
+    // Logged before the object can appear under its key: if the index commit is then lost, replay
+    // points reconcile at the key.
+    wal.intend_blocking(&[key])?;
     create_parents_durably(root, dest)?;
     move_file(src, dest)?;
     std::fs::File::open(dest)?.sync_data()?;
@@ -177,6 +187,31 @@ impl ObjectStore for FsStore {
             .delete(key, &path)
             .await
             .map_err(|e| StorageError::io(key, e))
+    }
+
+    fn intend_blocking(&self, keys: &[&str]) -> Result<(), StorageError> {
+        self.wal
+            .intend_blocking(keys)
+            .map_err(|e| StorageError::io(keys.first().copied().unwrap_or(".wal"), e))
+    }
+
+    fn settle(&self, key: &str) {
+        self.wal.settle(key);
+    }
+
+    fn unsettled(&self) -> Option<Vec<String>> {
+        Some(self.wal.take_carried_over().unwrap_or_default())
+    }
+
+    fn set_index_sync(&self, sync: wal::IndexSync) {
+        self.wal.set_index_sync(sync);
+    }
+
+    fn close(&self) -> Result<(), StorageError> {
+        self.wal
+            .close()
+            .map(|_| ())
+            .map_err(|e| StorageError::io(".wal", e))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {

@@ -26,12 +26,22 @@ use futures::Stream;
 
 pub use fs::FsStore;
 pub use s3::S3Store;
+pub use wal::IndexSync;
 
 /// Opens the configured backend. Makes no request to a remote store: a store that is down makes the
 /// gateway not ready (`/readyz`), not fail to start.
 pub async fn open(config: &crate::config::StorageConfig) -> anyhow::Result<Arc<dyn ObjectStore>> {
     let store: Arc<dyn ObjectStore> = match config.backend.as_str() {
-        "s3" => Arc::new(S3Store::connect(&config.s3).await),
+        "s3" => {
+            // `path` holds no objects with this backend, only the log of keys being stored.
+            let intents = config.path.join(".intents");
+            Arc::new(
+                S3Store::connect(&config.s3)
+                    .await
+                    .with_intent_log(&intents)
+                    .with_context(|| format!("opening {}", intents.display()))?,
+            )
+        }
         _ => Arc::new(
             FsStore::open(&config.path)
                 .with_context(|| format!("opening storage at {}", config.path.display()))?,
@@ -105,6 +115,27 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Reads `length` bytes at `offset`.
     async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, StorageError>;
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Records durably that the objects under `keys` may be left without an index row (before the
+    /// index commit of a deletion or a replacement), until [`ObjectStore::settle`]. Puts record
+    /// their own key themselves.
+    fn intend_blocking(&self, _keys: &[&str]) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// The index commit for a key put (or intended) is durable, or failed and its object is gone:
+    /// the key no longer needs start-up reconcile. Must follow every put and intent.
+    fn settle(&self, _key: &str) {}
+    /// The keys an earlier run may have left stored without an index row (taken once, at start);
+    /// None: the store keeps no such record, and reconcile must list everything.
+    fn unsettled(&self) -> Option<Vec<String>> {
+        None
+    }
+    /// How the store makes the index's commits durable before it forgets its unsettled keys.
+    fn set_index_sync(&self, _sync: IndexSync) {}
+    /// Clean shutdown (blocking, once no more work comes): forgets the unsettled keys if all are
+    /// settled, so that the next start has nothing to reconcile.
+    fn close(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
     async fn exists(&self, key: &str) -> Result<bool, StorageError>;
     /// Lists every stored key.
     fn list(&self) -> KeyStream;

@@ -41,9 +41,19 @@ pub struct S3Store {
     multipart_threshold: u64,
     part_size: u64,
     part_concurrency: usize,
+    /// A local log of the keys being stored or deleted whose index commit is not known durable yet
+    /// (intent records only, see `wal.rs`): what start-up reconcile looks at, instead of listing
+    /// the bucket. None: reconcile lists the bucket.
+    intents: Option<super::wal::Wal>,
 }
 
 impl S3Store {
+    /// Keeps the log of keys being stored in the local directory `dir` (replayed now, blocking).
+    pub fn with_intent_log(mut self, dir: &Path) -> std::io::Result<S3Store> {
+        self.intents = Some(super::wal::Wal::open(dir, dir)?);
+        Ok(self)
+    }
+
     /// Builds the client; makes no request, so the gateway starts (and reports itself not ready)
     /// while the server is unreachable.
     pub async fn connect(cfg: &S3Config) -> S3Store {
@@ -91,6 +101,7 @@ impl S3Store {
             multipart_threshold: cfg.multipart_threshold,
             part_size: cfg.part_size,
             part_concurrency: cfg.part_concurrency,
+            intents: None,
         }
     }
 
@@ -288,6 +299,15 @@ where
 impl ObjectStore for S3Store {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
         let s3_key = self.s3_key(key)?;
+        if let Some(intents) = self.intents.clone() {
+            // Logged before the object can exist: if the index commit is then lost, the next start
+            // reconciles this key.
+            let owned = key.to_string();
+            tokio::task::spawn_blocking(move || intents.intend_blocking(&[&owned]))
+                .await
+                .expect("intent task panicked")
+                .map_err(|e| StorageError::io(key, e))?;
+        }
         let size = tokio::fs::metadata(src)
             .await
             .map_err(|e| StorageError::io(key, e))?
@@ -367,6 +387,46 @@ impl ObjectStore for S3Store {
             ));
         }
         Ok(body)
+    }
+
+    fn intend_blocking(&self, keys: &[&str]) -> Result<(), StorageError> {
+        match &self.intents {
+            Some(intents) => intents
+                .intend_blocking(keys)
+                .map_err(|e| StorageError::io(".intents", e)),
+            None => Ok(()),
+        }
+    }
+
+    fn settle(&self, key: &str) {
+        if let Some(intents) = &self.intents {
+            intents.settle(key);
+        }
+    }
+
+    fn unsettled(&self) -> Option<Vec<String>> {
+        Some(
+            self.intents
+                .as_ref()?
+                .take_carried_over()
+                .unwrap_or_default(),
+        )
+    }
+
+    fn set_index_sync(&self, sync: super::IndexSync) {
+        if let Some(intents) = &self.intents {
+            intents.set_index_sync(sync);
+        }
+    }
+
+    fn close(&self) -> Result<(), StorageError> {
+        match &self.intents {
+            Some(intents) => intents
+                .close()
+                .map(|_| ())
+                .map_err(|e| StorageError::io(".intents", e)),
+            None => Ok(()),
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {

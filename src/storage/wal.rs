@@ -45,6 +45,9 @@ const MAGIC: u32 = 0x4C57_4744; // "DGWL"
 const HEADER_LEN: usize = 4 + 8 + 1 + 2 + 8 + 4;
 const PUT: u8 = 1;
 const TOMBSTONE: u8 = 2;
+/// A key that may be left stored but unindexed (an object stored outside the log, a deletion, or a
+/// key carried over from the previous run): no data, nothing to apply; replay reports it.
+const INTENT: u8 = 3;
 
 /// One record's header: magic, segment sequence, kind, key length, data length, CRC32C of the
 /// header fields before it plus key and data.
@@ -105,10 +108,11 @@ struct Segment {
     offset: u64,
 }
 
-/// What a put or a deletion does once its record is durable.
+/// What a put, a deletion or an intent does once its record is durable.
 enum Op<'a> {
     Put { src: &'a Path, dest: &'a Path },
     Delete { dest: &'a Path },
+    Intent,
 }
 
 /// The log's shared state: the current segment and how far appends and flushes have got, counted
@@ -123,16 +127,46 @@ struct State {
     copy_buf: Vec<u8>,
     /// Whether the checkpointer was asked for spares during the current segment.
     spares_asked: bool,
+    /// Keys logged (puts and intents) whose index commit is not known durable yet, with the
+    /// sequence of the segment that holds their record; and how many each segment holds. A segment
+    /// is checkpointed only once it holds none: its records are what start-up reconcile looks at.
+    unsettled: std::collections::HashMap<String, u64>,
+    unsettled_per_segment: std::collections::HashMap<u64, usize>,
 }
+
+impl State {
+    fn settle(&mut self, key: &str) -> bool {
+        let Some(seq) = self.unsettled.remove(key) else {
+            return false;
+        };
+        if let Some(n) = self.unsettled_per_segment.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.unsettled_per_segment.remove(&seq);
+            }
+        }
+        true
+    }
+}
+
+/// Makes the index's commits so far durable; run before a checkpoint drops the records of objects
+/// whose (unflushed) index commit has returned.
+pub type IndexSync = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
 
 struct Log {
     /// Holds the log's exclusive lock (`flock`) for as long as the log is open.
     _lock: File,
     dir: PathBuf,
+    root: PathBuf,
     state: Mutex<State>,
     flush_done: Condvar,
     free: Arc<Mutex<Vec<(File, PathBuf)>>>,
     checkpointer: Mutex<std_mpsc::Sender<Job>>,
+    /// Signalled when a key is settled (the checkpointer waits for a segment's keys).
+    settled: Condvar,
+    index_sync: Mutex<Option<IndexSync>>,
+    /// Keys the previous run left unsettled, for start-up reconcile (taken once).
+    carried_over: Mutex<Option<Vec<String>>>,
 }
 
 #[derive(Clone)]
@@ -144,16 +178,33 @@ impl Wal {
     /// Opens the log in `dir` for the store rooted at `root`: replays what the last run left
     /// unchecked (blocking; before anything else reads the store) and starts the checkpointer.
     pub fn open(dir: &Path, root: &Path) -> io::Result<Wal> {
-        std::fs::create_dir_all(dir)?;
+        create_dirs_durably(dir)?;
         let lock = lock(dir)?;
         let checkpointed = read_checkpoint(dir)?;
-        let (segments, last_seq) = replay(dir, root, checkpointed)?;
+        let (segments, last_seq, unsettled) = replay(dir, root, checkpointed)?;
+        let free = Arc::new(Mutex::new(segments));
+        let mut first = take_segment(dir, &free, last_seq + 1)?;
+        // The keys the last run left unsettled are logged again as intents in the new segment
+        // before the old ones are checkpointed: if this run dies before reconcile indexed them,
+        // the next start still finds them.
+        let mut carried = std::collections::HashMap::new();
+        if !unsettled.is_empty() {
+            for key in &unsettled {
+                let mut record = Record::of(key, &Op::Intent)?;
+                if first.offset + record.len() > SEGMENT_SIZE {
+                    return Err(io::Error::other(
+                        "too many unsettled keys to carry over in one log segment",
+                    ));
+                }
+                append(&mut first, &mut record, &mut Vec::new())?;
+                carried.insert(key.clone(), first.seq);
+            }
+            first.file.sync_data()?;
+        }
         if last_seq > checkpointed {
             syncfs(root)?;
             write_checkpoint(dir, last_seq)?;
         }
-        let free = Arc::new(Mutex::new(segments));
-        let first = take_segment(dir, &free, last_seq + 1)?;
         // Spares are allocated before the first put: a new store would otherwise zero-fill them
         // during its first ingest, and that 32 MB write and flush held up the flushes of the
         // C-STOREs running meanwhile (10-20 ms each on a loop-mounted file system).
@@ -162,31 +213,93 @@ impl Wal {
             free.lock().expect("free segments lock").push(spare);
         }
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
-        {
-            let (dir, root, free) = (dir.to_path_buf(), root.to_path_buf(), free.clone());
-            std::thread::Builder::new()
-                .name("wal-checkpoint".into())
-                .spawn(move || checkpointer(&dir, &root, &free, jobs_rx))?;
+        let mut unsettled_per_segment = std::collections::HashMap::new();
+        if !carried.is_empty() {
+            unsettled_per_segment.insert(first.seq, carried.len());
         }
+        let offset = first.offset;
         let state = State {
             current: first,
-            appended: 0,
-            flushed: 0,
+            appended: offset,
+            flushed: offset,
             flushing: false,
             poisoned: None,
             copy_buf: Vec::new(),
             spares_asked: false,
+            unsettled: carried,
+            unsettled_per_segment,
         };
-        Ok(Wal {
-            log: Arc::new(Log {
-                _lock: lock,
-                dir: dir.to_path_buf(),
-                state: Mutex::new(state),
-                flush_done: Condvar::new(),
-                free,
-                checkpointer: Mutex::new(jobs_tx),
-            }),
-        })
+        let log = Arc::new(Log {
+            _lock: lock,
+            dir: dir.to_path_buf(),
+            root: root.to_path_buf(),
+            state: Mutex::new(state),
+            flush_done: Condvar::new(),
+            free,
+            checkpointer: Mutex::new(jobs_tx),
+            settled: Condvar::new(),
+            index_sync: Mutex::new(None),
+            carried_over: Mutex::new(Some(unsettled)),
+        });
+        {
+            let (dir, root, log) = (dir.to_path_buf(), root.to_path_buf(), Arc::downgrade(&log));
+            std::thread::Builder::new()
+                .name("wal-checkpoint".into())
+                .spawn(move || checkpointer(&dir, &root, &log, jobs_rx))?;
+        }
+        Ok(Wal { log })
+    }
+
+    /// Sets how the index's commits are made durable before a checkpoint (see [`IndexSync`]).
+    pub fn set_index_sync(&self, sync: IndexSync) {
+        *self.log.index_sync.lock().expect("index sync lock") = Some(sync);
+    }
+
+    /// Logs that the objects under `keys` may be left stored but unindexed, and returns once that
+    /// is durable (one flush for all); each key stays unsettled (reconciled after a crash) until
+    /// [`Wal::settle`].
+    pub fn intend_blocking(&self, keys: &[&str]) -> io::Result<()> {
+        let mut st = self.log.lock();
+        for key in keys {
+            let mut record = Record::of(key, &Op::Intent)?;
+            st = self.log.append_locked(st, key, &mut record, true)?;
+        }
+        let mine = st.appended;
+        self.log.wait_flushed(st, mine)
+    }
+
+    /// The index commit for `key` is durable or failed (nothing of it is left): its record no
+    /// longer holds up a checkpoint.
+    pub fn settle(&self, key: &str) {
+        if self.log.lock().settle(key) {
+            self.log.settled.notify_all();
+        }
+    }
+
+    /// Clean shutdown: if every key is settled, checkpoints everything logged (index and file system
+    /// flushed first), so that the next start has nothing to replay or reconcile; the log then
+    /// refuses further work. Returns whether it did (blocking).
+    pub fn close(&self) -> io::Result<bool> {
+        let mut st = self.log.lock();
+        if !st.unsettled.is_empty() || st.poisoned.is_some() {
+            return Ok(false);
+        }
+        st.poisoned = Some("the store is closed".into());
+        if let Some(sync) = &*self.log.index_sync.lock().expect("index sync lock") {
+            sync()?;
+        }
+        syncfs(&self.log.root)?;
+        write_checkpoint(&self.log.dir, st.current.seq)?;
+        Ok(true)
+    }
+
+    /// The keys the previous run left unsettled (once; None afterwards).
+    pub fn take_carried_over(&self) -> Option<Vec<String>> {
+        self.log
+            .carried_over
+            .lock()
+            .expect("carried over lock")
+            .take()
     }
 
     /// Logs the content of `src` under `key`, then renames `src` to `dest` (blocking).
@@ -221,26 +334,79 @@ impl Log {
     /// Appends the record, waits until a flush covers it (running that flush when none is), then
     /// applies the operation.
     fn commit(&self, key: &str, op: Op<'_>) -> io::Result<()> {
-        let mut record = Record::of(key, &op)?;
-        let len = record.len();
-        let mut st = self.lock();
+        self.log_durably(key, &op)?;
+        let applied = apply(&op);
+        if let (Err(e), Op::Put { dest, .. }) = (&applied, &op) {
+            // The record is durable, so replay would put the object back although this put
+            // fails: log a tombstone after it (or poison the log if even that fails), so that a
+            // failed put leaves nothing.
+            tracing::error!(key, error = %e, "storing a logged object failed");
+            let undo = Op::Delete { dest };
+            match self.log_durably(key, &undo) {
+                Ok(()) => {
+                    let _ = apply(&undo);
+                }
+                Err(e2) => self.lock().poisoned = Some(format!("cannot undo a failed put: {e2}")),
+            }
+        }
+        applied
+    }
+
+    /// Appends the record of `op` and waits until it is durable.
+    fn log_durably(&self, key: &str, op: &Op<'_>) -> io::Result<()> {
+        let mut record = Record::of(key, op)?;
+        let unsettled = !matches!(op, Op::Delete { .. });
+        let st = self.append_locked(self.lock(), key, &mut record, unsettled)?;
+        let mine = st.appended;
+        self.wait_flushed(st, mine)
+    }
+
+    /// Appends a record (rotating first if it does not fit), and marks its key unsettled.
+    fn append_locked<'g>(
+        &'g self,
+        mut st: std::sync::MutexGuard<'g, State>,
+        key: &str,
+        record: &mut Record<'_>,
+        unsettled: bool,
+    ) -> io::Result<std::sync::MutexGuard<'g, State>> {
         if let Some(why) = &st.poisoned {
             return Err(io::Error::other(format!("write-ahead log unusable: {why}")));
         }
+        let len = record.len();
         if st.current.offset + len > SEGMENT_SIZE {
             self.rotate(&mut st)?;
         }
         let State {
             current, copy_buf, ..
         } = &mut *st;
-        append(current, &mut record, copy_buf)?;
+        append(current, record, copy_buf)?;
         st.appended += len;
+        if unsettled {
+            // A key already unsettled stays counted in its older segment, which is checkpointed
+            // first anyway.
+            let seq = st.current.seq;
+            if let std::collections::hash_map::Entry::Vacant(v) =
+                st.unsettled.entry(key.to_string())
+            {
+                v.insert(seq);
+                *st.unsettled_per_segment.entry(seq).or_default() += 1;
+            }
+        }
         // Half way through a segment, make sure spares are ready for the rotation ahead.
         if st.current.offset > SEGMENT_SIZE / 2 && !st.spares_asked {
             st.spares_asked = true;
             self.tell_checkpointer(Job::Spares);
         }
-        let mine = st.appended;
+        Ok(st)
+    }
+
+    /// Waits until a flush covers everything appended up to `mine`, running that flush when none
+    /// is (group commit).
+    fn wait_flushed<'g>(
+        &'g self,
+        mut st: std::sync::MutexGuard<'g, State>,
+        mine: u64,
+    ) -> io::Result<()> {
         while st.flushed < mine {
             if let Some(why) = &st.poisoned {
                 return Err(io::Error::other(format!(
@@ -267,8 +433,7 @@ impl Log {
             }
             self.flush_done.notify_all();
         }
-        drop(st);
-        apply(&op)
+        Ok(())
     }
 
     fn tell_checkpointer(&self, job: Job) {
@@ -282,7 +447,13 @@ impl Log {
     /// Retires the full current segment (flushed first: its records may not be yet) to the
     /// checkpointer and starts the next one.
     fn rotate(&self, st: &mut State) -> io::Result<()> {
-        st.current.file.sync_data()?;
+        // A failed flush poisons the log as in `commit`: records before it may be lost, and
+        // nothing appended after them may be acknowledged.
+        if let Err(e) = st.current.file.sync_data() {
+            tracing::error!(error = %e, "write-ahead log flush failed");
+            st.poisoned = Some(e.to_string());
+            return Err(e);
+        }
         st.flushed = st.appended;
         let next = take_segment(&self.dir, &self.free, st.current.seq + 1)?;
         let full = std::mem::replace(&mut st.current, next);
@@ -406,6 +577,23 @@ fn syncfs(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` and any missing parent, flushing the parent of each one created: a new log
+/// directory whose entry a power loss dropped would take every record in it along.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dirs_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    File::open(parent.unwrap_or(Path::new(".")))?.sync_all()
+}
+
 /// The valid record at `offset` of a segment whose sequence is `seq` (any sequence when None),
 /// with its key and data.
 fn read_record(file: &File, offset: u64, seq: Option<u64>) -> Option<(Header, String, Vec<u8>)> {
@@ -413,7 +601,7 @@ fn read_record(file: &File, offset: u64, seq: Option<u64>) -> Option<(Header, St
     file.read_exact_at(&mut raw, offset).ok()?;
     let h = Header::decode(&raw)?;
     if seq.is_some_and(|s| s != h.seq)
-        || !matches!(h.kind, PUT | TOMBSTONE)
+        || !matches!(h.kind, PUT | TOMBSTONE | INTENT)
         || offset + h.len() > SEGMENT_SIZE
         || h.data_len > MAX_RECORD_DATA
     {
@@ -434,8 +622,15 @@ fn read_record(file: &File, offset: u64, seq: Option<u64>) -> Option<(Header, St
 }
 
 /// Applies the records of every segment after `checkpointed`, in sequence order. Returns all
-/// segments (free for reuse once the caller has synced and checkpointed) and the highest sequence.
-fn replay(dir: &Path, root: &Path, checkpointed: u64) -> io::Result<(Vec<(File, PathBuf)>, u64)> {
+/// segments (free for reuse once the caller has synced and checkpointed), the highest sequence, and
+/// the keys of the puts and intents replayed that no later tombstone removed: what may be stored
+/// without its index row.
+#[allow(clippy::type_complexity)]
+fn replay(
+    dir: &Path,
+    root: &Path,
+    checkpointed: u64,
+) -> io::Result<(Vec<(File, PathBuf)>, u64, Vec<String>)> {
     let mut segments = Vec::new();
     for path in segment_paths(dir)? {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -444,6 +639,8 @@ fn replay(dir: &Path, root: &Path, checkpointed: u64) -> io::Result<(Vec<(File, 
     }
     segments.sort_by_key(|(seq, _, _)| *seq);
     let mut last = checkpointed;
+    let mut unsettled: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (seq, file, _) in &segments {
         let Some(seq) = *seq else { continue };
         last = last.max(seq);
@@ -455,20 +652,31 @@ fn replay(dir: &Path, root: &Path, checkpointed: u64) -> io::Result<(Vec<(File, 
         while let Some((h, key, data)) = read_record(file, offset, Some(seq)) {
             let dest = super::fs::key_path(root, &key)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if h.kind == PUT {
-                rewrite(&dest, &data)?;
-            } else {
-                match std::fs::remove_file(&dest) {
+            match h.kind {
+                PUT => rewrite(&dest, &data)?,
+                TOMBSTONE => match std::fs::remove_file(&dest) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                     _ => {}
-                }
+                },
+                _ => {}
+            }
+            if h.kind == TOMBSTONE {
+                seen.remove(&key);
+            } else if seen.insert(key.clone()) {
+                unsettled.push(key);
             }
             offset += h.len();
             applied += 1;
         }
         tracing::info!(segment = seq, records = applied, "write-ahead log replayed");
     }
-    Ok((segments.into_iter().map(|(_, f, p)| (f, p)).collect(), last))
+    let mut kept = std::collections::HashSet::new();
+    unsettled.retain(|k| seen.contains(k) && kept.insert(k.clone()));
+    Ok((
+        segments.into_iter().map(|(_, f, p)| (f, p)).collect(),
+        last,
+        unsettled,
+    ))
 }
 
 /// Writes `data` to `dest` from the log (replay): a fresh file renamed over whatever is there.
@@ -495,6 +703,7 @@ impl<'a> Record<'a> {
         let (kind, src) = match op {
             Op::Put { src, .. } => (PUT, Some(File::open(src)?)),
             Op::Delete { .. } => (TOMBSTONE, None),
+            Op::Intent => (INTENT, None),
         };
         let data_len = match &src {
             Some(f) => f.metadata()?.len(),
@@ -570,6 +779,7 @@ fn apply(op: &Op<'_>) -> io::Result<()> {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         },
+        Op::Intent => Ok(()),
     }
 }
 
@@ -588,29 +798,31 @@ const SPARE_SEGMENTS: usize = 2;
 
 /// The checkpointer thread: makes everything a retired segment's records did durable, records it,
 /// and returns the segment for reuse; allocates spare segments when asked.
+///
+/// Segments are checkpointed strictly in order: one whose checkpoint could not be written stays at
+/// the head of the backlog (retried with the next job), since a later checkpoint would record a
+/// higher sequence and replay would skip the failed one's records. Before a checkpoint, every key
+/// its segment logged must be settled (indexed, or failed) and the index's commits made durable:
+/// otherwise a power loss could drop an index row whose object no replay would then point
+/// reconcile at. A failed flush (of the file system or the index) poisons the log: what it should
+/// have made durable may be lost, and a retried flush can report success without it.
 fn checkpointer(
     dir: &Path,
     root: &Path,
-    free: &Mutex<Vec<(File, PathBuf)>>,
+    log: &std::sync::Weak<Log>,
     jobs: std_mpsc::Receiver<Job>,
 ) {
-    let free_count = || free.lock().expect("free segments lock").len();
+    let mut backlog: std::collections::VecDeque<Segment> = std::collections::VecDeque::new();
+    let mut broken = false;
     while let Ok(job) = jobs.recv() {
+        let Some(log) = log.upgrade() else { return };
         match job {
-            Job::Retire(seg) => match syncfs(root).and_then(|()| write_checkpoint(dir, seg.seq)) {
-                Ok(()) => free
-                    .lock()
-                    .expect("free segments lock")
-                    .push((seg.file, seg.path)),
-                // The segment stays out of use: its records are replayed at the next start.
-                Err(e) => {
-                    tracing::error!(error = %e, segment = seg.seq, "write-ahead log checkpoint failed")
-                }
-            },
+            Job::Retire(seg) => backlog.push_back(seg),
             Job::Spares => {
+                let free_count = || log.free.lock().expect("free segments lock").len();
                 while free_count() < SPARE_SEGMENTS {
                     match create_segment(dir) {
-                        Ok(s) => free.lock().expect("free segments lock").push(s),
+                        Ok(s) => log.free.lock().expect("free segments lock").push(s),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot allocate a write-ahead log segment");
                             break;
@@ -618,6 +830,41 @@ fn checkpointer(
                     }
                 }
             }
+        }
+        while !broken {
+            let Some(seg) = backlog.front() else { break };
+            let mut st = log.lock();
+            while st.unsettled_per_segment.contains_key(&seg.seq) {
+                if Arc::strong_count(&log) == 1 {
+                    return; // the store was closed: the next open replays the segment
+                }
+                let timeout = std::time::Duration::from_secs(1);
+                st = log
+                    .settled
+                    .wait_timeout(st, timeout)
+                    .expect("write-ahead log lock")
+                    .0;
+            }
+            drop(st);
+            let index_sync = match &*log.index_sync.lock().expect("index sync lock") {
+                Some(sync) => sync(),
+                None => Ok(()),
+            };
+            if let Err(e) = index_sync.and_then(|()| syncfs(root)) {
+                tracing::error!(error = %e, segment = seg.seq, "write-ahead log checkpoint flush failed");
+                log.lock().poisoned = Some(format!("checkpoint flush failed: {e}"));
+                broken = true;
+                break;
+            }
+            if let Err(e) = write_checkpoint(dir, seg.seq) {
+                tracing::error!(error = %e, segment = seg.seq, "write-ahead log checkpoint not written; retried later");
+                break;
+            }
+            let seg = backlog.pop_front().expect("head of the backlog");
+            log.free
+                .lock()
+                .expect("free segments lock")
+                .push((seg.file, seg.path));
         }
     }
 }
@@ -689,8 +936,9 @@ mod tests {
         seg.file.sync_all().unwrap();
 
         // Nothing was renamed into place (a crash right after the log flush): replay restores 2.
-        let (segments, last) = replay(&dir, &root, 0).unwrap();
+        let (segments, last, unsettled) = replay(&dir, &root, 0).unwrap();
         assert_eq!((segments.len(), last), (1, 1));
+        assert_eq!(unsettled, ["a/b/2.dcm"], "the put no tombstone followed");
         assert!(
             !root.join("a/b/1.dcm").exists(),
             "tombstone applied after the put"
@@ -729,6 +977,82 @@ mod tests {
     }
 
     #[test]
+    fn logged_keys_are_reconciled_until_a_clean_close() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, root) = (tmp.path().join("wal"), tmp.path().join("objects"));
+        std::fs::create_dir_all(&root).unwrap();
+        let put = |wal: &Wal, key: &str| {
+            let src = tmp.path().join("spool");
+            std::fs::write(&src, key).unwrap();
+            wal.put_blocking(key, &src, &root.join(key)).unwrap();
+        };
+        let wal = Wal::open(&dir, &root).unwrap();
+        assert_eq!(wal.take_carried_over(), Some(vec![]));
+        put(&wal, "a/1.dcm");
+        wal.intend_blocking(&["a/2.dcm", "a/3.dcm"]).unwrap();
+        put(&wal, "a/4.dcm");
+        let gone = root.join("a/3.dcm");
+        wal.log
+            .commit("a/3.dcm", Op::Delete { dest: &gone })
+            .unwrap();
+        wal.settle("a/4.dcm");
+        assert!(!wal.close().unwrap(), "keys unsettled: no clean close");
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+
+        // A crash: every key logged since the checkpoint, deleted ones aside, is reconciled.
+        let wal = Wal::open(&dir, &root).unwrap();
+        let want = ["a/1.dcm", "a/2.dcm", "a/4.dcm"].map(String::from).to_vec();
+        assert_eq!(wal.take_carried_over(), Some(want.clone()));
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Not settled by that run either (it died): carried over again.
+        let wal = Wal::open(&dir, &root).unwrap();
+        assert_eq!(wal.take_carried_over(), Some(want.clone()));
+        for key in &want {
+            wal.settle(key);
+        }
+        assert!(wal.close().unwrap());
+        let refused = wal.intend_blocking(&["a/5.dcm"]);
+        assert!(refused.is_err(), "a closed log takes no more work");
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let wal = Wal::open(&dir, &root).unwrap();
+        assert_eq!(
+            wal.take_carried_over(),
+            Some(vec![]),
+            "clean close: nothing to do"
+        );
+        assert_eq!(std::fs::read(root.join("a/1.dcm")).unwrap(), b"a/1.dcm");
+    }
+
+    #[test]
+    fn a_put_whose_rename_fails_is_not_replayed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, root) = (tmp.path().join("wal"), tmp.path().join("objects"));
+        std::fs::create_dir_all(&root).unwrap();
+        let wal = Wal::open(&dir, &root).unwrap();
+        // The destination's parent is a file: the rename after the log flush fails.
+        std::fs::write(root.join("x"), b"in the way").unwrap();
+        let src = tmp.path().join("spool");
+        std::fs::write(&src, b"payload").unwrap();
+        let failed = wal.put_blocking("x/1.dcm", &src, &root.join("x/1.dcm"));
+        assert!(failed.is_err());
+        wal.settle("x/1.dcm");
+        wal.check()
+            .expect("a failed rename does not poison the log");
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::remove_file(root.join("x")).unwrap();
+        let wal = Wal::open(&dir, &root).unwrap();
+        assert!(
+            !root.join("x/1.dcm").exists(),
+            "replay brought a failed put back"
+        );
+        assert_eq!(wal.take_carried_over(), Some(vec![]));
+    }
+
+    #[test]
     fn concurrent_puts_share_flushes_and_cross_segments() {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, root) = (tmp.path().join("wal"), tmp.path().join("objects"));
@@ -745,6 +1069,7 @@ mod tests {
                         std::fs::write(&src, body(t, i)).unwrap();
                         let key = format!("{t}/{i}.dcm");
                         wal.put_blocking(&key, &src, &root.join(&key)).unwrap();
+                        wal.settle(&key);
                     }
                 });
             }

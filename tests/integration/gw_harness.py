@@ -91,7 +91,7 @@ class Gateway:
                 "NO_COLOR": "1",  # plain log lines in test reports
             }
         )
-        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_LOG", "info,jpeg2k=warn")
         env.update(self.extra_env)
         return {k: v for k, v in env.items() if v is not None}
 

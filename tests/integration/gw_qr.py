@@ -94,11 +94,13 @@ def findscu(gw, keys: list[str], outdir: Path, model: str = "-S", calling: str =
 
 
 @contextlib.contextmanager
-def storescp(port: int, ae: str, outdir: Path, accept_all: bool = True):
+def storescp(port: int, ae: str, outdir: Path, accept_all: bool = True, options=()):
     """A DCMTK storescp on `port` (the one the gateway's peer entry names) writing what it receives byte for
-    byte (+B) into `outdir`; `accept_all` accepts every transfer syntax, else uncompressed ones only."""
+    byte (+B) into `outdir`; `accept_all` accepts every transfer syntax, else uncompressed ones only (or what
+    `options`, e.g. `+xi`, says)."""
     outdir.mkdir(parents=True, exist_ok=True)
-    args = ["storescp", "-aet", ae, "-od", str(outdir), "+B", "-uf"] + (["+xa"] if accept_all else []) + [str(port)]
+    args = (["storescp", "-aet", ae, "-od", str(outdir), "+B", "-uf"] + (["+xa"] if accept_all else [])
+            + list(options) + [str(port)])
     proc = subprocess.Popen(args, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 10

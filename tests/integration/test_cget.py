@@ -1,12 +1,14 @@
 """C-GET SCP: DCMTK getscu receives a study over its own association (byte for byte when it accepts the
-stored transfer syntax), pynetdicom with odd transfer syntaxes (objects re-encoded into what the requester
-accepted, compressed ones it cannot take counted as failed), C-CANCEL, and who may retrieve."""
+stored transfer syntax; compressed objects decompressed when it proposes uncompressed syntaxes only),
+pynetdicom with odd transfer syntaxes (objects re-encoded or decompressed into what the requester accepted),
+C-CANCEL, and who may retrieve."""
 
 from __future__ import annotations
 
 import subprocess
 from io import BytesIO
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -15,7 +17,7 @@ from pynetdicom import build_context, build_role
 
 from gw_dimse import dcmtk_env, make_ae, store_all
 from gw_qr import STUDY_ROOT_GET, PATIENT_ROOT_GET, instance, peers_env, received_payloads, send_request, uid
-from gw_samples import unique_corpus, with_new_uids
+from gw_samples import LOSSLESS_TS, unique_corpus, with_new_uids
 
 STUDY = uid(40)
 NATIVE_STUDY = uid(41)
@@ -32,9 +34,11 @@ def studies(gateway):
     native = [instance(st, {"uid": NATIVE_STUDY + ".1", "Modality": "OT"}, n) for n in range(1, 6)]
     jpeg = next(s for s in unique_corpus() if s.ts == "1.2.840.10008.1.2.4.50")
     be = next(s for s in unique_corpus() if s.ts == ExplicitVRBigEndian and s.has_pixels)
+    j2k = next(s for s in unique_corpus() if s.ts == "1.2.840.10008.1.2.4.90" and s.has_pixels)
     mixed = [
         with_new_uids(jpeg, STUDY + ".1.1", "#get", StudyInstanceUID=STUDY, SeriesInstanceUID=STUDY + ".1"),
         with_new_uids(be, STUDY + ".2.1", "#get", StudyInstanceUID=STUDY, SeriesInstanceUID=STUDY + ".2"),
+        with_new_uids(j2k, STUDY + ".3.1", "#get", StudyInstanceUID=STUDY, SeriesInstanceUID=STUDY + ".3"),
     ]
     statuses = store_all(gateway, native + mixed)
     assert all(v == 0 for v in statuses.values()), statuses
@@ -116,17 +120,47 @@ def test_native_objects_are_re_encoded_into_the_accepted_syntax(gateway, studies
     assert ds.pixel_array.tolist() == be.ds.pixel_array.tolist()
 
 
-def test_compressed_objects_the_requester_cannot_take_fail_and_the_rest_completes(gateway, studies):
+def _assert_decoded_pixels_match(original, ds):
+    exp, got = original.ds.pixel_array, ds.pixel_array
+    assert got.shape == exp.shape
+    if original.ts in LOSSLESS_TS:
+        assert np.array_equal(got, exp), "decompressed pixels differ from the original's"
+    else:
+        diff = np.abs(got.astype(np.float64) - exp.astype(np.float64))
+        assert diff.mean() <= max(1.0, 0.01 * (float(exp.max()) - float(exp.min()))), diff.mean()
+
+
+def test_compressed_objects_are_decompressed_for_a_requester_taking_only_uncompressed(gateway, studies):
     _, mixed = studies
     classes = sorted({s.sop_class for s in mixed})
     responses, received = _run_get(gateway, ExplicitVRLittleEndian, _identifier("STUDY", StudyInstanceUID=STUDY),
                                    classes)
-    status, ident, rsp = responses[-1]
-    assert status == 0xB000
-    assert rsp.NumberOfCompletedSuboperations == 1 and rsp.NumberOfFailedSuboperations == 1
-    failed = ident.FailedSOPInstanceUIDList
-    assert (failed if isinstance(failed, str) else failed[0]) == mixed[0].sop_uid
-    assert set(received) == {mixed[1].sop_uid}
+    status, _, rsp = responses[-1]
+    assert status == 0x0000
+    assert rsp.NumberOfCompletedSuboperations == len(mixed) and rsp.NumberOfFailedSuboperations == 0
+    assert set(received) == {s.sop_uid for s in mixed}
+    for s in mixed:
+        ts, data = received[s.sop_uid]
+        assert ts == ExplicitVRLittleEndian
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert ds.SOPInstanceUID == s.sop_uid
+        _assert_decoded_pixels_match(s, ds)
+
+
+def test_getscu_proposing_uncompressed_only_receives_compressed_objects_decompressed(gateway, studies, tmp_path):
+    _, mixed = studies
+    out = tmp_path / "got"
+    # getscu proposes the uncompressed syntaxes only unless told otherwise.
+    proc = getscu(gateway, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY}"], out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in out.iterdir() if p.is_file()}
+    assert set(files) == {s.sop_uid for s in mixed}
+    for s in mixed:
+        ds = pydicom.dcmread(files[s.sop_uid])
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed, ds.file_meta.TransferSyntaxUID
+        _assert_decoded_pixels_match(s, ds)
 
 
 def test_stored_syntax_is_sent_as_is_when_accepted(gateway, studies):

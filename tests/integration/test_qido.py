@@ -9,7 +9,7 @@ import pytest
 from pydicom.multival import MultiValue
 
 from gw_samples import unique_corpus
-from gw_web import client, get, has, instance_json, text, value, values
+from gw_web import client, get, has, instance_json, tag_key, text, value, values
 
 CHARSET_SAMPLES = [s for s in unique_corpus() if s.name.startswith("pydicom-charsets/")]
 PAGE = 50
@@ -333,3 +333,60 @@ def test_qido_content_type_is_dicom_json(gateway, corpus):
     assert r.status_code == 200
     assert r.headers.get("Content-Type", "").split(";")[0].strip() == "application/dicom+json"
 
+
+
+def test_repeated_uid_key_is_a_list_of_uids(gateway, corpus):
+    """PS3.18: a UID matching key repeated in the query is one UID list (here sent by `requests`, which
+    repeats a key given a list of values)."""
+    uids = sorted(corpus.studies())[:3]
+    r = get(gateway, "/studies", params=[("StudyInstanceUID", u) for u in uids])
+    assert r.status_code == 200, r.status_code
+    assert study_uids(r.json()) == set(uids)
+    series = sorted({s.series_uid for s in corpus.acked})[:2]
+    r = get(gateway, "/instances", params=[("SeriesInstanceUID", u) for u in series])
+    assert r.status_code == 200, r.status_code
+    expected = {s.sop_uid for s in corpus.acked if s.series_uid in series}
+    assert {text(x, "SOPInstanceUID") for x in r.json()} == expected
+
+
+STUDY_LEVEL = ["StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientName", "PatientID",
+               "PatientBirthDate", "PatientSex", "StudyID", "ReferringPhysicianName"]
+SERIES_LEVEL = ["SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription"]
+
+
+def test_series_and_instance_results_carry_the_levels_above(c, corpus, all_studies):
+    """PS3.18 10.6.3.3.2 / 10.6.3.3.3: series results include the study attributes, instance results the
+    study and series attributes, whichever resource was searched."""
+    st = next(st for st, r in all_studies.items() if text(r, "PatientID") and text(r, "StudyDate"))
+    study = all_studies[st]
+    all_series = by_uid(c.search_for_series(search_filters={"StudyInstanceUID": st}), "SeriesInstanceUID")
+    in_study = by_uid(c.search_for_series(study_instance_uid=st), "SeriesInstanceUID")
+    assert all_series and set(all_series) == set(in_study)
+    for results in (all_series, in_study):
+        for r in results.values():
+            for kw in STUDY_LEVEL:
+                assert has(r, kw), f"series result lacks study attribute {kw}"
+                assert r[tag_key(kw)] == study[tag_key(kw)], kw
+    se, series = next(iter(all_series.items()))
+    for found in (c.search_for_instances(search_filters={"SeriesInstanceUID": se}),
+                  c.search_for_instances(study_instance_uid=st, series_instance_uid=se)):
+        assert found
+        for r in found:
+            for kw in STUDY_LEVEL:
+                assert r.get(tag_key(kw)) == study[tag_key(kw)], f"instance result: study attribute {kw}"
+            for kw in SERIES_LEVEL:
+                assert r.get(tag_key(kw)) == series.get(tag_key(kw)), f"instance result: series attribute {kw}"
+
+
+@pytest.mark.parametrize("accept", ["image/xyz", 'multipart/related; type="application/dicom+xml"',
+                                    "application/dicom+json;q=0"])
+def test_search_with_an_accept_that_cannot_be_met_answers_406(gateway, corpus, accept):
+    for path in ("/studies", "/series", "/instances"):
+        r = get(gateway, path, headers={"Accept": accept})
+        assert r.status_code == 406, f"{path} with Accept {accept!r} answered {r.status_code}"
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/*, image/xyz;q=0.5", "*/*"])
+def test_search_with_an_accept_admitting_json_is_answered(gateway, corpus, accept):
+    r = get(gateway, "/studies", headers={"Accept": accept})
+    assert r.status_code == 200, f"Accept {accept!r} answered {r.status_code}"
