@@ -360,7 +360,8 @@ pub async fn frames(
         })));
     };
 
-    let source = FrameSource::prepare(&state, &inst).await?;
+    let transcoded = matches!(plan, FramePlan::Transcoded { .. });
+    let source = FrameSource::prepare(&state, &inst, transcoded).await?;
     let count = source.frame_count();
     if let Some(bad) = numbers.iter().find(|&&n| n as usize > count) {
         return Err(ApiError::NotFound(format!(
@@ -521,7 +522,13 @@ enum FrameSource {
 }
 
 impl FrameSource {
-    async fn prepare(state: &WebState, inst: &StoredInstance) -> Result<FrameSource, ApiError> {
+    /// `transcoded`: the frames are to be transcoded (the transcoder reads little endian frames, so a
+    /// big endian object is then re-encoded first, as its one in-memory instance).
+    async fn prepare(
+        state: &WebState,
+        inst: &StoredInstance,
+        transcoded: bool,
+    ) -> Result<FrameSource, ApiError> {
         let layout: Layout = serde_json::from_str(&inst.frame_layout)
             .map_err(|e| ApiError::Internal(format!("bad frame layout: {e}")))?;
         // Big endian pixel data of more than 8 bits allocated is OW, swapped per sample; with 8 bits
@@ -529,6 +536,7 @@ impl FrameSource {
         // objects are re-encoded.
         let swap = match inst.bits_allocated {
             _ if inst.transfer_syntax_uid != EXPLICIT_VR_BE => Some(0),
+            _ if transcoded => None,
             Some(16) => Some(2),
             Some(32) => Some(4),
             Some(64) => Some(8),
@@ -686,7 +694,7 @@ pub async fn bulk(
     );
     let (writer, body, boundary) = MultipartWriter::new();
     if path.eq_ignore_ascii_case("7FE00010") {
-        let source = FrameSource::prepare(&state, &inst).await?;
+        let source = FrameSource::prepare(&state, &inst, false).await?;
         let (part_type, extents): (String, Vec<Vec<Extent>>) = match source.layout() {
             Layout::Native { value, .. } => (
                 format!("application/octet-stream; transfer-syntax={EXPLICIT_VR_LE}"),
