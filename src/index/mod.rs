@@ -229,20 +229,7 @@ impl Index {
         .bind(sop_instance_uid)
         .fetch_all(&self.read)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredInstance {
-                study_uid: r.get(0),
-                series_uid: r.get(1),
-                sop_instance_uid: r.get(2),
-                sop_class_uid: r.get(3),
-                transfer_syntax_uid: r.get(4),
-                storage_key: r.get(5),
-                size_bytes: r.get::<i64, _>(6) as u64,
-                frame_layout: r.get(7),
-                bits_allocated: r.get(8),
-            })
-            .collect())
+        Ok(rows.iter().map(stored_instance).collect())
     }
 
     /// Where the value at a bulk path (`00420011`, `00081115/0/00091001`) lies in an instance's
@@ -299,17 +286,7 @@ impl Index {
         .bind(series_uid)
         .fetch_optional(&self.read)
         .await?;
-        Ok(row.map(|r| StoredInstance {
-            study_uid: r.get(0),
-            series_uid: r.get(1),
-            sop_instance_uid: r.get(2),
-            sop_class_uid: r.get(3),
-            transfer_syntax_uid: r.get(4),
-            storage_key: r.get(5),
-            size_bytes: r.get::<i64, _>(6) as u64,
-            frame_layout: r.get(7),
-            bits_allocated: r.get(8),
-        }))
+        Ok(row.as_ref().map(stored_instance))
     }
 
     /// A cached thumbnail of the stored copy `storage_key` (see `render::thumbnail`).
@@ -343,5 +320,20 @@ impl Index {
         sqlx::query_scalar("SELECT storage_key FROM instances")
             .fetch_all(&self.read)
             .await
+    }
+}
+
+/// A `StoredInstance` from a row of the columns both instance reads select, in their order.
+fn stored_instance(r: &sqlx::sqlite::SqliteRow) -> StoredInstance {
+    StoredInstance {
+        study_uid: r.get(0),
+        series_uid: r.get(1),
+        sop_instance_uid: r.get(2),
+        sop_class_uid: r.get(3),
+        transfer_syntax_uid: r.get(4),
+        storage_key: r.get(5),
+        size_bytes: r.get::<i64, _>(6) as u64,
+        frame_layout: r.get(7),
+        bits_allocated: r.get(8),
     }
 }
