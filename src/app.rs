@@ -3,15 +3,12 @@
 //! `[runtime] shutdown_grace_secs`.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::extract::{ConnectInfo, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{Extensions, HeaderMap, HeaderName, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -23,6 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 use tower_http::CompressionLevel;
 
+use crate::audit::{Action, AuditEvent, Origin, Outcome};
 use crate::config::{Config, HttpConfig};
 use crate::dicomweb::{self, WebState};
 use crate::dimse;
@@ -78,6 +76,7 @@ pub async fn reconcile_all(config: Config) -> anyhow::Result<()> {
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (store, index) = open_store_and_index(&config).await?;
+    crate::audit::set_source_id(&config.audit.source_id);
     let spool_dir = config.spool_path();
     std::fs::create_dir_all(&spool_dir)?;
     let stale = spool::clear_stale(&spool_dir)?;
@@ -104,6 +103,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let store_for_close = store.clone();
+    let index_for_stop = index.clone();
+    let activity = |action| AuditEvent::new(action, Origin::application(), Outcome::Success);
+    crate::audit::record_now(&index, activity(Action::ApplicationStart)).await;
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
@@ -182,6 +184,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "shut down: work still in progress after the grace period was cut off"
         ),
     }
+    crate::audit::record_now(&index_for_stop, activity(Action::ApplicationStop)).await;
     // A clean stop leaves the next start nothing to reconcile (if no store is still in flight).
     let closed = tokio::task::spawn_blocking(move || store_for_close.close()).await;
     if let Ok(Err(e)) = closed {
@@ -208,9 +211,9 @@ fn http_router(
     let cors_origins = &http.cors_allowed_origins;
     let health_state = web.clone();
     let (pages, download) = viewer::routers(web.clone(), ohif);
-    let wado_uri =
-        dicomweb::wado_uri_router(web.clone()).layer(axum::middleware::from_fn(audit_http));
-    let mut dicomweb = dicomweb::router(web).layer(axum::middleware::from_fn(audit_http));
+    let index = web.index.clone();
+    let wado_uri = dicomweb::wado_uri_router(web.clone());
+    let mut dicomweb = dicomweb::router(web);
     if http.compression {
         dicomweb = dicomweb.layer(
             CompressionLayer::new()
@@ -229,14 +232,18 @@ fn http_router(
         )
         .merge(wado_uri)
         .nest(dicomweb::ROOT, dicomweb)
-        .merge(download.layer(axum::middleware::from_fn(audit_http)))
+        .merge(download)
         .merge(pages);
     if let Some(fhir) = fhir {
-        router =
-            router.merge(crate::fhir::routes(fhir).layer(axum::middleware::from_fn(audit_http)));
+        router = router.merge(crate::fhir::routes(fhir));
     }
-    // Outside every route: the policy and the audit trail find the caller in each request.
+    // Outside every route: the policy and the audit trail find the caller in each request (the
+    // audit layer runs inside `identify`, which sets it).
     router = router
+        .layer(axum::middleware::from_fn_with_state(
+            index,
+            crate::audit::http::audit,
+        ))
         .layer(axum::middleware::from_fn(crate::security::http::identify))
         .layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
@@ -278,27 +285,6 @@ fn is_json(_: StatusCode, _: axum::http::Version, headers: &HeaderMap, _: &Exten
         .is_some_and(|ct| {
             ct.starts_with("application/dicom+json") || ct.starts_with("application/json")
         })
-}
-
-/// Audit trail of DICOMweb reads: who (address), what (path), outcome. Target `audit`, so operators
-/// can route it separately (e.g. `RUST_LOG=info,audit=info`).
-async fn audit_http(
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-    next: Next,
-) -> axum::response::Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let response = next.run(request).await;
-    tracing::info!(
-        target: "audit",
-        %peer,
-        %method,
-        path,
-        status = response.status().as_u16(),
-        "dicomweb request"
-    );
-    response
 }
 
 async fn readiness(state: &WebState) -> impl IntoResponse {

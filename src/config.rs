@@ -26,6 +26,7 @@ pub struct Config {
     pub fhir: FhirConfig,
     pub viewer: ViewerConfig,
     pub render: RenderConfig,
+    pub audit: AuditConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -489,6 +490,14 @@ impl Default for S3Config {
             max_attempts: 4,
         }
     }
+}
+
+/// The audit trail (`[audit]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The Audit Source ID this gateway records its events under; the host name when empty.
+    pub source_id: String,
 }
 
 /// Rendered images, thumbnails and WADO-URI (`[render]`).

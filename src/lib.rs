@@ -15,9 +15,11 @@
 //! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
 //!   [`config`]: configuration;
 //! - [`security`]: who is calling ([`security::Identity`]) and what they may do;
+//! - [`audit`]: the audit trail (events in the index, FHIR AuditEvent);
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod dicomweb;
 pub mod dimse;

@@ -1,45 +1,48 @@
 //! DELETE of a study, a series or an instance (not part of PS3.18; the form dcm4chee and Orthanc
 //! offer). Off unless `[http] allow_delete = true`: deleting patient data must be a deliberate choice.
-//! Rows and objects are removed by ingest, rows first; every deletion is audited (target `audit`).
+//! Rows and objects are removed by ingest, rows first; a deletion's audit event commits with the
+//! rows' removal.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::Extension;
 
 use super::error::ApiError;
 use super::{check_uids, WebState};
+use crate::audit::{Origin, Protocol};
 use crate::index::Scope;
+use crate::security::Identity;
 
 pub async fn study(
     state: State<Arc<WebState>>,
-    peer: ConnectInfo<SocketAddr>,
+    who: Extension<Identity>,
     Path(study): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete(state, peer, &[&study]).await
+    delete(state, who, &[&study]).await
 }
 
 pub async fn series(
     state: State<Arc<WebState>>,
-    peer: ConnectInfo<SocketAddr>,
+    who: Extension<Identity>,
     Path((study, series)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    delete(state, peer, &[&study, &series]).await
+    delete(state, who, &[&study, &series]).await
 }
 
 pub async fn instance(
     state: State<Arc<WebState>>,
-    peer: ConnectInfo<SocketAddr>,
+    who: Extension<Identity>,
     Path((study, series, instance)): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    delete(state, peer, &[&study, &series, &instance]).await
+    delete(state, who, &[&study, &series, &instance]).await
 }
 
 /// `uids`: study, then optionally series and instance.
 async fn delete(
     State(state): State<Arc<WebState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Identity>,
     uids: &[&str],
 ) -> Result<StatusCode, ApiError> {
     if !state.allow_delete {
@@ -55,12 +58,11 @@ async fn delete(
     };
     let removal = state
         .ingestor
-        .delete(scope.clone())
+        .delete(scope.clone(), Origin::new(who.clone(), Protocol::DicomWeb))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     tracing::info!(
-        target: "audit",
-        %peer,
+        peer = ?who.address,
         study = %scope.study_uid,
         series = ?scope.series_uid,
         instance = ?scope.sop_instance_uid,

@@ -65,7 +65,6 @@ pub async fn run(
         })
         .collect();
     tracing::info!(
-        target: "audit",
         %peer,
         calling_ae,
         contexts = contexts.len(),
@@ -216,7 +215,7 @@ impl Connection<'_> {
                 };
                 Ok(Some(Action::Respond(
                     pc,
-                    store.finish(self.ctx, self.calling_ae).await,
+                    store.finish(self.ctx, self.calling_ae, self.peer).await,
                 )))
             }
             (State::Discard { pc: cur, .. }, false) if *cur == pc => {

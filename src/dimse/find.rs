@@ -16,11 +16,13 @@ use futures::TryStreamExt;
 use sqlx::sqlite::SqliteRow;
 use tokio::net::TcpStream;
 
+use super::audited;
 use super::command::{elem, field};
 use super::message::{self, cancel_requested, Inbox, ProtocolError};
 use super::peers::{self, Right};
 use super::qr::{self, status, Failure, Model, QrLevel, Request};
 use super::{dataset, Context};
+use crate::audit::{Action, Outcome};
 use crate::index::query::{vr_of, Query};
 use crate::index::results::{self, Match, ResultLevel};
 use crate::model::json::element_from_json;
@@ -147,7 +149,7 @@ pub async fn run(
         req.peer.ip(),
         Right::Query,
     ) {
-        tracing::warn!(target: "audit", calling_ae = %req.calling_ae, peer = %req.peer, "C-FIND refused: not a peer allowed to query");
+        audited::record(ctx, &req, Action::PolicyDenial, Outcome::MinorFailure, 0);
         let comment = "calling AE title is not allowed to query";
         let rsp = final_response(status::NOT_AUTHORIZED, Some(comment));
         return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
@@ -163,7 +165,7 @@ pub async fn run(
             return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
         }
     };
-    tracing::info!(target: "audit", calling_ae = %req.calling_ae, level = plan.level.as_str(), "C-FIND");
+    audited::record(ctx, &req, Action::Query, Outcome::Success, 0);
     let pending = if plan.optional_keys_unsupported {
         status::PENDING_OPTIONAL_KEYS_UNSUPPORTED
     } else {

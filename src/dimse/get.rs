@@ -8,12 +8,14 @@ use std::time::Duration;
 use dicom_ul::association::server::AsyncServerAssociation;
 use tokio::net::TcpStream;
 
+use super::audited;
 use super::command::field;
 use super::message::{self, Inbox, ProtocolError};
 use super::peers::{self, Right};
 use super::qr::{status, Failure, Model, Request};
 use super::retrieve::{self, OutContext, Progress, SubOpError};
 use super::Context;
+use crate::audit::{Action, Outcome};
 
 pub async fn run(
     assoc: &mut AsyncServerAssociation<TcpStream>,
@@ -29,7 +31,7 @@ pub async fn run(
         req.peer.ip(),
         Right::Retrieve,
     ) {
-        tracing::warn!(target: "audit", calling_ae = %req.calling_ae, peer = %req.peer, "C-GET refused: not a peer allowed to retrieve");
+        audited::record(ctx, &req, Action::PolicyDenial, Outcome::MinorFailure, 0);
         let f = Failure::new(
             status::NOT_AUTHORIZED,
             "calling AE title is not allowed to retrieve",
@@ -40,7 +42,13 @@ pub async fn run(
         Ok(list) => list,
         Err(f) => return retrieve::send_refusal(assoc, &req, rsp, &f).await,
     };
-    tracing::info!(target: "audit", calling_ae = %req.calling_ae, instances = instances.len(), "C-GET");
+    audited::record(
+        ctx,
+        &req,
+        Action::Retrieve,
+        Outcome::Success,
+        instances.len(),
+    );
     let mut contexts: Vec<OutContext> = contexts.values().cloned().collect();
     contexts.sort_by_key(|c| c.id);
     let mut progress = Progress::new(instances.len());
@@ -87,6 +95,6 @@ pub async fn run(
             progress.send_pending(assoc, &req, rsp).await?;
         }
     }
-    tracing::info!(target: "audit", calling_ae = %req.calling_ae, completed = progress.completed, failed = progress.failed, warning = progress.warning, cancelled = progress.cancelled, "C-GET done");
+    tracing::info!(calling_ae = %req.calling_ae, completed = progress.completed, failed = progress.failed, warning = progress.warning, cancelled = progress.cancelled, "C-GET done");
     progress.send_final(assoc, &req, rsp, None).await
 }

@@ -17,6 +17,7 @@
 //! checks the SOP class of each request (0122 otherwise), as do the Q/R handlers.
 
 mod association;
+mod audited;
 mod command;
 mod dataset;
 mod echo;

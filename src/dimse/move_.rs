@@ -10,12 +10,14 @@ use dicom_ul::pdu::PresentationContextResultReason;
 use dicom_ul::ClientAssociationOptions;
 use tokio::net::TcpStream;
 
+use super::audited;
 use super::command::{elem, field};
 use super::message::{self, Inbox, ProtocolError};
 use super::peers::{self, Right};
 use super::qr::{status, Failure, Model, Request};
 use super::retrieve::{self, Originator, OutContext, Progress, SubOpError};
 use super::Context;
+use crate::audit::{Action, Outcome};
 
 /// How long connecting to and associating with a Move Destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,7 +31,7 @@ pub async fn run(
     let rsp = field::C_MOVE_RSP;
     let peers = &ctx.config.peers;
     if !peers::allowed(peers, &req.calling_ae, req.peer.ip(), Right::Retrieve) {
-        tracing::warn!(target: "audit", calling_ae = %req.calling_ae, peer = %req.peer, "C-MOVE refused: not a peer allowed to retrieve");
+        audited::record(ctx, &req, Action::PolicyDenial, Outcome::MinorFailure, 0);
         let f = Failure::new(
             status::NOT_AUTHORIZED,
             "calling AE title is not allowed to retrieve",
@@ -48,7 +50,13 @@ pub async fn run(
         Ok(list) => list,
         Err(f) => return retrieve::send_refusal(assoc, &req, rsp, &f).await,
     };
-    tracing::info!(target: "audit", calling_ae = %req.calling_ae, destination = %destination_ae, instances = instances.len(), "C-MOVE");
+    audited::record(
+        ctx,
+        &req,
+        Action::Retrieve,
+        Outcome::Success,
+        instances.len(),
+    );
     let mut progress = Progress::new(instances.len());
     if instances.is_empty() {
         return progress.send_final(assoc, &req, rsp, None).await;
@@ -155,7 +163,7 @@ pub async fn run(
     } else {
         let _ = sub.abort().await;
     }
-    tracing::info!(target: "audit", destination = %destination_ae, completed = progress.completed, failed = progress.failed, warning = progress.warning, cancelled = progress.cancelled, "C-MOVE done");
+    tracing::info!(destination = %destination_ae, completed = progress.completed, failed = progress.failed, warning = progress.warning, cancelled = progress.cancelled, "C-MOVE done");
     progress.send_final(assoc, &req, rsp, None).await
 }
 

@@ -7,6 +7,7 @@ use dicom_object::meta::FileMetaTableBuilder;
 
 use super::command::{elem, field, Command, CommandBuilder, NO_DATA_SET};
 use super::Context;
+use crate::audit::Origin;
 use crate::ingest::{EarlyHeader, Expected, IngestError, Outcome, SpoolWriter};
 
 /// C-STORE status codes (PS3.4 B.2.3, PS3.7 C).
@@ -161,15 +162,22 @@ impl PendingStore {
     }
 
     /// The whole data set has arrived: store and index it, and build the response command set.
-    pub async fn finish(self, ctx: &Context, calling_ae: &str) -> Vec<u8> {
+    pub async fn finish(
+        self,
+        ctx: &Context,
+        calling_ae: &str,
+        peer: std::net::SocketAddr,
+    ) -> Vec<u8> {
         let reply = match (self.early_reply, self.spool) {
             (Some(reply), _) => reply,
-            (None, Some(spool)) => ingest(ctx, spool, &self.expected, self.early).await,
+            (None, Some(spool)) => {
+                let by = super::audited::origin(calling_ae, peer);
+                ingest(ctx, spool, &self.expected, self.early, &by).await
+            }
             (None, None) => unreachable!("a pending store has a spool or a reply"),
         };
         if reply.status == status::SUCCESS {
-            tracing::info!(
-                target: "audit",
+            tracing::debug!(
                 calling_ae,
                 sop_class_uid = %self.expected.sop_class_uid,
                 sop_instance_uid = %self.expected.sop_instance_uid,
@@ -198,9 +206,14 @@ async fn ingest(
     spool: SpoolWriter,
     expected: &Expected,
     early: Option<EarlyHeader>,
+    by: &Origin,
 ) -> Reply {
     let spooled = spool.finish();
-    match ctx.ingestor.ingest(spooled, Some(expected), early).await {
+    match ctx
+        .ingestor
+        .ingest(spooled, Some(expected), early, by)
+        .await
+    {
         Ok(Outcome::Stored | Outcome::DuplicateKept | Outcome::Replaced) => Reply {
             status: status::SUCCESS,
             comment: None,

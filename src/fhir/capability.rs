@@ -3,7 +3,9 @@
 
 use serde_json::{json, Value};
 
-use super::search::{Param, IMAGING_STUDY_PARAMS, INCLUDES, PATIENT_PARAMS, SORTS};
+use super::search::{
+    Param, AUDIT_EVENT_PARAMS, IMAGING_STUDY_PARAMS, INCLUDES, PATIENT_PARAMS, SORTS,
+};
 
 fn params(list: &[Param]) -> Value {
     Value::Array(
@@ -62,6 +64,14 @@ pub fn statement(base: &str) -> Value {
                     "type": "Endpoint",
                     "profile": "http://hl7.org/fhir/StructureDefinition/Endpoint",
                     "interaction": [{"code": "read"}, {"code": "search-type"}],
+                },
+                {
+                    "type": "AuditEvent",
+                    "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": params(AUDIT_EVENT_PARAMS),
+                    "documentation": "The gateway's audit trail (stores, queries, retrieves, \
+                        deletions, exports, refusals, start and stop), newest first.",
                 },
             ],
         }],

@@ -74,6 +74,8 @@ fn router() -> Router<Arc<FhirState>> {
         .route("/Patient/{id}", get(rest::read_patient))
         .route("/Endpoint", get(rest::search_endpoints))
         .route("/Endpoint/{id}", get(rest::read_endpoint))
+        .route("/AuditEvent", get(rest::search_audit_events))
+        .route("/AuditEvent/{id}", get(rest::read_audit_event))
         .fallback(rest::unknown)
 }
 

@@ -1,5 +1,5 @@
-//! The `/fhir` handlers: read and search of ImagingStudy, Patient and Endpoint, and the
-//! CapabilityStatement. JSON only (406 otherwise); errors are OperationOutcomes.
+//! The `/fhir` handlers: read and search of ImagingStudy, Patient, Endpoint and AuditEvent, and
+//! the CapabilityStatement. JSON only (406 otherwise); errors are OperationOutcomes.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -362,6 +362,54 @@ pub async fn search_endpoints(
         "link": [{"relation": "self", "url": format!("{base}/Endpoint")}],
         "entry": [entry(format!("{base}/Endpoint/{DICOMWEB_ENDPOINT_ID}"), endpoint, "match")],
     })))
+}
+
+pub async fn read_audit_event(
+    State(state): State<Arc<FhirState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, FhirError> {
+    check_format(&headers, raw.as_deref())?;
+    let not_found = || FhirError::NotFound(format!("no AuditEvent {id}"));
+    let event_id: i64 = id.parse().map_err(|_| not_found())?;
+    match crate::index::audit::get(state.web.index.read_pool(), event_id).await? {
+        Some(event) => Ok(respond(crate::audit::fhir::resource(&event))),
+        None => Err(not_found()),
+    }
+}
+
+pub async fn search_audit_events(
+    State(state): State<Arc<FhirState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, FhirError> {
+    check_format(&headers, raw.as_deref())?;
+    let (search, filter) = search::audit_event(raw.as_deref(), &state.config, strict(&headers))?;
+    let pool = state.web.index.read_pool();
+    let base = state.fhir_base(&headers);
+    let self_url = format!("{base}/AuditEvent");
+    let total = crate::index::audit::count(pool, &filter).await?;
+    let events = if search.summary_count || search.count == 0 {
+        Vec::new()
+    } else {
+        crate::index::audit::search(pool, &filter, search.count, search.offset).await?
+    };
+    let entries = events
+        .iter()
+        .map(|e| {
+            entry(
+                format!("{base}/AuditEvent/{}", e.id),
+                subset(crate::audit::fhir::resource(e), &search.elements),
+                "match",
+            )
+        })
+        .collect();
+    Ok(respond(bundle(
+        total,
+        links(&self_url, &search, total),
+        entries,
+    )))
 }
 
 pub async fn metadata(

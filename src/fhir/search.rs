@@ -6,6 +6,7 @@ use dicom_dictionary_std::tags;
 use super::mapping::{issuers_of_system, parse_patient_resource_id, DCM};
 use super::outcome::FhirError;
 use crate::config::FhirConfig;
+use crate::index::audit::Filter as AuditFilter;
 use crate::index::fhir::{Sort, StudyFilter};
 use crate::index::query::is_valid_uid;
 
@@ -601,9 +602,114 @@ pub fn patient(raw: Option<&str>, config: &FhirConfig, strict: bool) -> Result<S
     Ok(s)
 }
 
+pub const AUDIT_EVENT_PARAMS: &[Param] = &[
+    Param {
+        name: "date",
+        kind: "date",
+        definition: "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
+        doc: "when recorded; prefixes eq (default), ge, gt, le, lt; a date without a zone is UTC",
+    },
+    Param {
+        name: "patient",
+        kind: "reference",
+        definition: "http://hl7.org/fhir/SearchParameter/AuditEvent-patient",
+        doc: "Patient/{id} (the id this server gives the patient) or a Patient ID",
+    },
+    Param {
+        name: "entity",
+        kind: "reference",
+        definition: "http://hl7.org/fhir/SearchParameter/AuditEvent-entity",
+        doc: "ImagingStudy/{Study Instance UID}, or the UID",
+    },
+    Param {
+        name: "agent",
+        kind: "reference",
+        definition: "http://hl7.org/fhir/SearchParameter/AuditEvent-agent",
+        doc: "the caller: user, API key name, calling AE title or network address",
+    },
+];
+
+/// Parses an AuditEvent search: the paging parameters in `Search`, the rest in the filter.
+pub fn audit_event(
+    raw: Option<&str>,
+    config: &FhirConfig,
+    strict: bool,
+) -> Result<(Search, AuditFilter), FhirError> {
+    let mut s = Search {
+        count: config.default_count,
+        ..Default::default()
+    };
+    let mut f = AuditFilter::default();
+    for (name, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        let (name, value) = (name.as_ref(), value.as_ref());
+        if result_param(&mut s, config, name, value, strict)? {
+            continue;
+        }
+        match name {
+            "date" => {
+                let (prefix, date) = match value.get(..2) {
+                    Some(p @ ("eq" | "ge" | "gt" | "le" | "lt")) => (p, &value[2..]),
+                    _ => ("eq", value),
+                };
+                let (start, end) = instant_range(date)
+                    .ok_or_else(|| invalid(name, value, "not a FHIR date or dateTime"))?;
+                let (from, until) = match prefix {
+                    "ge" => (Some(start), None),
+                    "gt" => (Some(end), None),
+                    "le" => (None, Some(end)),
+                    "lt" => (None, Some(start)),
+                    _ => (Some(start), Some(end)),
+                };
+                f.from_ms = f.from_ms.max(from);
+                f.until_ms = match (f.until_ms, until) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            "patient" => {
+                let id = value.strip_prefix("Patient/").unwrap_or(value);
+                match parse_patient_resource_id(id) {
+                    Some((pid, issuer)) => {
+                        f.patient_id = Some(pid);
+                        f.issuer_of_patient_id = Some(issuer);
+                    }
+                    None => f.patient_id = Some(id.to_string()),
+                }
+            }
+            "entity" => {
+                let uid = value.strip_prefix("ImagingStudy/").unwrap_or(value);
+                f.study_uid = Some(uid.strip_prefix("urn:oid:").unwrap_or(uid).to_string());
+            }
+            "agent" => f.agent = Some(value.to_string()),
+            _ => {
+                unknown(name, strict)?;
+                continue;
+            }
+        }
+        s.applied.push((name.to_string(), value.to_string()));
+    }
+    Ok((s, f))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_event_dates_cover_their_precision_and_prefixes_narrow() {
+        let day = instant_range("2026-12-08").unwrap();
+        let config = FhirConfig::default();
+        let (_, f) = audit_event(
+            Some("date=ge2026-12-08&date=lt2026-12-08T01:00:00Z&entity=ImagingStudy/1.2"),
+            &config,
+            true,
+        )
+        .unwrap();
+        assert_eq!(f.from_ms, Some(day.0));
+        assert_eq!(f.until_ms, Some(day.0 + 3_600_000));
+        assert_eq!(f.study_uid.as_deref(), Some("1.2"));
+        assert!(audit_event(Some("date=ne2026"), &config, true).is_err());
+    }
 
     #[test]
     fn date_keys_follow_the_precision_given() {

@@ -6,10 +6,12 @@
 //! - [`results`]: the result layer they share: each level's rows and the attributes they answer.
 //! - [`record`]: what ingest hands to the index for one instance.
 //! - [`temporal`]: DA, TM and DT values normalised for storage and range matching.
+//! - [`audit`]: the audit trail's table (events written by the writer, read by FHIR AuditEvent).
 //!
 //! Architecture invariant: a row is inserted only for an object that is already durable in storage,
 //! and rows are deleted before their objects, so the index never points at a missing object.
 
+pub mod audit;
 mod backfill;
 pub mod fhir;
 pub mod outbox;
@@ -158,10 +160,19 @@ impl Index {
         })
     }
 
-    /// Deletes the rows of the instances in `scope` in one transaction (flushed); returns their
-    /// storage keys.
-    pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
-        self.writer.delete(scope).await
+    /// Deletes the rows of the instances in `scope` in one transaction (flushed), with the audit
+    /// event of the deletion when `by` says who asked; returns their storage keys.
+    pub async fn delete(
+        &self,
+        scope: Scope,
+        by: Option<crate::audit::Origin>,
+    ) -> Result<Vec<String>, WriteError> {
+        self.writer.delete(scope, by).await
+    }
+
+    /// Records an audit event (through the writer, in a transaction of its own).
+    pub async fn audit(&self, event: crate::audit::AuditEvent) -> Result<(), WriteError> {
+        self.writer.audit(event).await
     }
 
     /// FHIR push bookkeeping through the index writer (claims, completions, retries, parking).

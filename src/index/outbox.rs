@@ -269,6 +269,7 @@ mod tests {
                 frame_layout: "{}".into(),
                 ..Default::default()
             },
+            audit: None,
         }
     }
 
@@ -313,7 +314,7 @@ mod tests {
             series_uid: None,
             sop_instance_uid: None,
         };
-        index.delete(scope).await.unwrap();
+        index.delete(scope, None).await.unwrap();
         let c = index.outbox(claim("gateway-b")).await.unwrap();
         assert_eq!(c.len(), 1);
         assert!(c[0].deleted && c[0].version == 3 && c[0].patient_id == "P1");

@@ -65,4 +65,7 @@ pub struct InstanceRecord {
     pub study: StudyAttrs,
     pub series: SeriesAttrs,
     pub instance: InstanceAttrs,
+    /// Who stored it (C-STORE, STOW-RS): its audit event commits with the insert. None for the
+    /// gateway's own indexing (reconcile, reindex).
+    pub audit: Option<crate::audit::Origin>,
 }

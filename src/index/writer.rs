@@ -1,7 +1,9 @@
 //! The index's single writer. SQLite allows one writer at a time, and each durable commit costs a
 //! disk flush; so one thread owns the write connection and commits whatever requests are waiting in
 //! one transaction (group commit), each request in its own savepoint so one bad record fails alone.
-//! Requests are inserts (ingest) and deletions (DICOMweb DELETE, through ingest).
+//! Requests are inserts (ingest), deletions (DICOMweb DELETE, through ingest), the FHIR push's
+//! bookkeeping and audit events; an insert or deletion made for a caller records its audit event in
+//! its own savepoint, so the event commits with the change.
 //!
 //! An insert may come with a gate ([`WriterHandle::insert_gated_blocking`]): its statements run at
 //! once, while ingest is still making the object durable, and the transaction commits only once the
@@ -19,9 +21,11 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use super::audit;
 use super::outbox::{self, Claimed, OutboxOp};
 use super::record::InstanceRecord;
 use super::INSTANCES_IN_SCOPE;
+use crate::audit::{AuditEvent, Origin};
 
 /// Requests committed together at most; bounds the latency of the first one.
 const MAX_BATCH: usize = 128;
@@ -86,7 +90,13 @@ enum Op {
         record: Box<InstanceRecord>,
         replace: bool,
     },
-    Delete(Scope),
+    Delete {
+        scope: Scope,
+        /// Who asked: the deletion's audit event is recorded with it.
+        by: Option<Origin>,
+    },
+    /// An audit event on its own (reads, queries, refusals, start and stop).
+    Audit(Box<AuditEvent>),
     /// FHIR push bookkeeping (`outbox`).
     Outbox(OutboxOp),
     /// A rendered thumbnail, kept while its instance row still holds `storage_key`.
@@ -104,6 +114,7 @@ enum Done {
     Deleted(Vec<String>),
     Outbox(Vec<Claimed>),
     Cached,
+    Audited,
 }
 
 type Reply = oneshot::Sender<Result<Done, WriteError>>;
@@ -239,11 +250,20 @@ impl WriterHandle {
 
     /// Deletes the rows of the instances in `scope` (and their series and study once empty);
     /// returns their storage keys.
-    pub async fn delete(&self, scope: Scope) -> Result<Vec<String>, WriteError> {
-        match self.send(Op::Delete(scope)).await? {
+    pub async fn delete(
+        &self,
+        scope: Scope,
+        by: Option<Origin>,
+    ) -> Result<Vec<String>, WriteError> {
+        match self.send(Op::Delete { scope, by }).await? {
             Done::Deleted(keys) => Ok(keys),
             _ => unreachable!("a deletion answered as something else"),
         }
+    }
+
+    /// Records an audit event.
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), WriteError> {
+        self.send(Op::Audit(Box::new(event))).await.map(|_| ())
     }
 
     /// Applies a FHIR push bookkeeping operation; a claim returns the studies claimed.
@@ -356,7 +376,11 @@ fn run(conn: &mut Connection, db: &Path, mut rx: mpsc::Receiver<Request>) {
 fn apply(conn: &Connection, op: &Op) -> Result<Done, WriteError> {
     match op {
         Op::Insert { record, replace } => insert(conn, record, *replace).map(Done::Inserted),
-        Op::Delete(scope) => delete(conn, scope).map(Done::Deleted),
+        Op::Delete { scope, by } => delete(conn, scope, by.as_ref()).map(Done::Deleted),
+        Op::Audit(event) => {
+            audit::record(conn, event)?;
+            Ok(Done::Audited)
+        }
         Op::Outbox(op) => Ok(Done::Outbox(outbox::apply(conn, op)?)),
         Op::CacheThumbnail {
             sop_instance_uid,
@@ -584,10 +608,17 @@ fn insert(
         refresh_study_counts(conn, study_pk)?;
     }
     outbox::touch_inserted(conn, r)?;
+    if let Some(origin) = &r.audit {
+        audit::record_store(conn, r, origin)?;
+    }
     Ok(outcome)
 }
 
-fn delete(conn: &Connection, scope: &Scope) -> Result<Vec<String>, WriteError> {
+fn delete(
+    conn: &Connection,
+    scope: &Scope,
+    by: Option<&Origin>,
+) -> Result<Vec<String>, WriteError> {
     let uids: Vec<String> = conn
         .prepare_cached(&format!("SELECT i.sop_instance_uid {INSTANCES_IN_SCOPE}"))?
         .query_map(
@@ -595,6 +626,9 @@ fn delete(conn: &Connection, scope: &Scope) -> Result<Vec<String>, WriteError> {
             |row| row.get(0),
         )?
         .collect::<rusqlite::Result<_>>()?;
+    if let Some(origin) = by.filter(|_| !uids.is_empty()) {
+        audit::record_delete(conn, scope, &uids, origin)?;
+    }
     let mut keys = Vec::with_capacity(uids.len());
     for uid in uids {
         keys.extend(remove(conn, &uid)?);
@@ -671,6 +705,7 @@ mod tests {
                 frame_layout: "{}".into(),
                 ..Default::default()
             },
+            audit: None,
         }
     }
 

@@ -8,6 +8,7 @@
 use futures::StreamExt;
 
 use super::Ingestor;
+use crate::audit::Origin;
 use crate::index::{Scope, WriteError};
 
 /// Objects deleted from storage at once.
@@ -23,7 +24,9 @@ pub struct Removal {
 }
 
 impl Ingestor {
-    pub async fn delete(&self, scope: Scope) -> Result<Removal, WriteError> {
+    /// Deletes the instances in `scope`; the deletion's audit event (who: `by`) commits with the
+    /// rows' removal.
+    pub async fn delete(&self, scope: Scope, by: Origin) -> Result<Removal, WriteError> {
         let before: Vec<String> = self
             .index
             .stored_instances(
@@ -36,7 +39,7 @@ impl Ingestor {
             .map(|i| i.storage_key)
             .collect();
         self.intend(before.clone()).await?;
-        let deleted = self.index.delete(scope).await;
+        let deleted = self.index.delete(scope, Some(by)).await;
         let keys = match deleted {
             Ok(keys) => keys,
             Err(e) => {

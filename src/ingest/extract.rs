@@ -238,5 +238,6 @@ pub fn build_record(
         study,
         series,
         instance,
+        audit: None,
     }
 }

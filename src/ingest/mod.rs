@@ -29,6 +29,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 
+use crate::audit::{Action, AuditEvent, Origin, Outcome as AuditOutcome};
 use crate::config::DuplicatePolicy;
 use crate::index::{Index, InsertOutcome, WriteError};
 use crate::storage::{instance_key, ObjectStore, PutPath, StorageError};
@@ -176,14 +177,17 @@ impl Ingestor {
 
     /// Parses, stores and indexes a spooled object; success means durable and indexed.
     /// On any failure nothing is left behind: the spool file is removed with `spooled`.
-    /// `early`: its header, read while it arrived, if that was started.
+    /// `early`: its header, read while it arrived, if that was started. `by`: who sent it; the
+    /// store's audit event commits with its index row (a refusal's or a kept duplicate's is
+    /// recorded after).
     pub async fn ingest(
         &self,
         spooled: Spooled,
         expected: Option<&Expected>,
         early: Option<EarlyHeader>,
+        by: &Origin,
     ) -> Result<Outcome, IngestError> {
-        (self.ingest_identified(spooled, expected, early).await).map(|(outcome, _)| outcome)
+        (self.ingest_identified(spooled, expected, early, by).await).map(|(outcome, _)| outcome)
     }
 
     /// [`Ingestor::ingest`], also returning the object's UIDs (for STOW-RS's RetrieveURLs).
@@ -192,6 +196,50 @@ impl Ingestor {
         spooled: Spooled,
         expected: Option<&Expected>,
         early: Option<EarlyHeader>,
+        by: &Origin,
+    ) -> Result<(Outcome, ObjectUids), IngestError> {
+        let result = self.store_and_index(spooled, expected, early, by).await;
+        let unrecorded = match &result {
+            Ok((Outcome::DuplicateKept, uids)) => {
+                let mut event = AuditEvent::new(Action::Store, by.clone(), AuditOutcome::Success)
+                    .study(&uids.study_uid)
+                    .described("duplicate: the stored copy was kept")
+                    .instances(1);
+                event.sop_class_uid = uids.sop_class_uid.clone();
+                event.instances = vec![uids.sop_instance_uid.clone()];
+                Some(event)
+            }
+            Ok(_) => None, // recorded with the insert
+            Err(e) => {
+                let outcome = match e {
+                    IngestError::Unparseable(_) | IngestError::Invalid(_) => {
+                        AuditOutcome::MinorFailure
+                    }
+                    IngestError::Storage(_) | IngestError::Index(_) => AuditOutcome::SeriousFailure,
+                };
+                let mut event = AuditEvent::new(Action::Store, by.clone(), outcome)
+                    .described(e.to_string())
+                    .instances(1);
+                if let Some(exp) = expected {
+                    event.study_uid = exp.study_instance_uid.clone().unwrap_or_default();
+                    event.sop_class_uid = exp.sop_class_uid.clone();
+                    event.instances = vec![exp.sop_instance_uid.clone()];
+                }
+                Some(event)
+            }
+        };
+        if let Some(event) = unrecorded {
+            crate::audit::record(&self.index, event);
+        }
+        result
+    }
+
+    async fn store_and_index(
+        &self,
+        spooled: Spooled,
+        expected: Option<&Expected>,
+        early: Option<EarlyHeader>,
+        by: &Origin,
     ) -> Result<(Outcome, ObjectUids), IngestError> {
         let early = match early {
             Some(EarlyHeader(task)) => task.await.ok().flatten(),
@@ -206,6 +254,7 @@ impl Ingestor {
         let replace = self.on_duplicate == DuplicatePolicy::Replace;
         let keep_first = !replace;
         let (store, index, expected) = (self.store.clone(), self.index.clone(), expected.cloned());
+        let by = by.clone();
         // One blocking task: the spool file's last bytes are written, the header parsed (unless
         // read early; an object kept in memory is parsed while its last full buffer is still being
         // written, and that write is waited for before the object is stored) and checked, the SOP
@@ -231,7 +280,7 @@ impl Ingestor {
                     )
                 };
                 let mut reader = spooled.reader().map_err(spool_error)?;
-                let (parsed, indexed) = match early {
+                let (mut parsed, indexed) = match early {
                     Some(ReadEarly {
                         header,
                         indexed,
@@ -244,6 +293,7 @@ impl Ingestor {
                     None => (parse(&mut reader, size, key_for)?, None),
                 };
                 drop(reader);
+                parsed.record.audit = Some(by);
                 if let Some(exp) = &expected {
                     check_expected(&parsed.uids, exp)?;
                 }

@@ -16,19 +16,21 @@ pub mod multipart_reader;
 mod response;
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use dicom_object::FileMetaTable;
 use tokio::task::JoinHandle;
 
 use super::{check_uids, ApiError, WebState};
+use crate::audit::{Origin, Protocol};
 use crate::dimse::store::is_standard_storage_class;
 use crate::ingest::{EarlyHeader, Expected, IngestError, Outcome, SpoolWriter};
+use crate::security::Identity;
 use multipart_reader::{parse_related, ContentTypeError, MultipartError, MultipartReader};
 use response::{reason, PartResult};
 
@@ -53,28 +55,30 @@ const MAX_META: usize = 64 * 1024;
 /// `POST /studies`.
 pub async fn store(
     State(state): State<Arc<WebState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Identity>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    receive(state, peer, None, headers, body).await
+    let by = Origin::new(who, Protocol::DicomWeb);
+    receive(state, by, None, headers, body).await
 }
 
 /// `POST /studies/{study}`: every instance must belong to that study.
 pub async fn store_in_study(
     State(state): State<Arc<WebState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Identity>,
     Path(study): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     check_uids(&[&study])?;
-    receive(state, peer, Some(study), headers, body).await
+    let by = Origin::new(who, Protocol::DicomWeb);
+    receive(state, by, Some(study), headers, body).await
 }
 
 async fn receive(
     state: Arc<WebState>,
-    peer: SocketAddr,
+    by: Origin,
     study: Option<String>,
     headers: HeaderMap,
     body: Body,
@@ -145,7 +149,7 @@ async fn receive(
                     let (at, task) = ingesting.pop_front().expect("tasks in flight");
                     results[at] = Some(task.await.expect("ingest task panicked"));
                 }
-                let task = tokio::spawn(ingest(state.clone(), *part, peer));
+                let task = tokio::spawn(ingest(state.clone(), *part, by.clone()));
                 ingesting.push_back((slot, task));
             }
             Err(e) => {
@@ -169,7 +173,7 @@ async fn receive(
         } = result
         {
             tracing::warn!(
-                %peer,
+                peer = ?by.who.address,
                 sop_instance_uid,
                 reason = format!("{reason:04X}"),
                 comment,
@@ -452,9 +456,9 @@ fn check_sop_class(config: &StowConfig, meta: &Meta) -> Option<PartResult> {
     })
 }
 
-/// Ingests one whole part (its own task, so that it completes even if the client goes away) and
-/// writes the audit line C-STORE writes.
-async fn ingest(state: Arc<WebState>, part: WholePart, peer: SocketAddr) -> PartResult {
+/// Ingests one whole part (its own task, so that it completes even if the client goes away); its
+/// audit event is recorded by ingest, as C-STORE's is.
+async fn ingest(state: Arc<WebState>, part: WholePart, by: Origin) -> PartResult {
     let WholePart {
         spool,
         early,
@@ -466,26 +470,16 @@ async fn ingest(state: Arc<WebState>, part: WholePart, peer: SocketAddr) -> Part
     };
     let result = state
         .ingestor
-        .ingest_identified(spool.finish(), Some(&expected), early)
+        .ingest_identified(spool.finish(), Some(&expected), early, &by)
         .await;
     match result {
-        Ok((outcome, uids)) => {
-            tracing::info!(
-                target: "audit",
-                %peer,
-                sop_class_uid = %uids.sop_class_uid,
-                sop_instance_uid = %uids.sop_instance_uid,
-                ?outcome,
-                "STOW-RS stored"
-            );
-            PartResult::Stored {
-                sop_class_uid: uids.sop_class_uid,
-                sop_instance_uid: uids.sop_instance_uid,
-                study_uid: uids.study_uid,
-                series_uid: uids.series_uid,
-                warning: (outcome == Outcome::DuplicateKept).then_some(reason::COERCED),
-            }
-        }
+        Ok((outcome, uids)) => PartResult::Stored {
+            sop_class_uid: uids.sop_class_uid,
+            sop_instance_uid: uids.sop_instance_uid,
+            study_uid: uids.study_uid,
+            series_uid: uids.series_uid,
+            warning: (outcome == Outcome::DuplicateKept).then_some(reason::COERCED),
+        },
         Err(IngestError::Unparseable(m)) => failed(Some(&meta), reason::CANNOT_UNDERSTAND, m),
         Err(IngestError::Invalid(m)) => failed(Some(&meta), reason::DATA_SET_DOES_NOT_MATCH, m),
         Err(e @ (IngestError::Storage(_) | IngestError::Index(_))) => {
