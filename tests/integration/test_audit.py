@@ -10,7 +10,7 @@ import base64
 import datetime
 import subprocess
 
-import pytest
+import pydicom
 import requests
 
 from gw_dimse import association, contexts_for, dcmtk_env, store, store_all
@@ -23,8 +23,9 @@ STORE, QUERY, ACCESSED, ACTIVITY = "110104", "110112", "110103", "110100"
 
 
 def events(gw, params: dict) -> list[dict]:
-    """Every AuditEvent matching `params`, following the Bundle's next links (two per page, so paging is used)."""
-    resp = requests.get(f"{gw.http_root}/fhir/AuditEvent", params={"_count": "2", **params},
+    """Every AuditEvent matching `params`, following the Bundle's next links. One page as a rule: each search is
+    itself audited, and a newer event shifts the offsets of the pages after the first."""
+    resp = requests.get(f"{gw.http_root}/fhir/AuditEvent", params={"_count": "100", **params},
                         headers={"Accept": "application/fhir+json"}, timeout=30)
     out = []
     while True:
@@ -58,13 +59,19 @@ def storescu(gw, path, calling: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def study_of(patient_id: str):
+    """CT_small in a study and series of its own, for patient `patient_id`."""
+    return small_ct(PatientID=patient_id, StudyInstanceUID=pydicom.uid.generate_uid(),
+                    SeriesInstanceUID=pydicom.uid.generate_uid())
+
+
 def iso(t: datetime.datetime) -> str:
     return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_a_c_store_by_storescu_leaves_a_store_event(gateway, tmp_path):
     gw = gateway
-    sample = small_ct(PatientID="AUDIT-STORE")
+    sample = study_of("AUDIT-STORE")
     path = tmp_path / "ct.dcm"
     path.write_bytes(sample.part10())
     storescu(gw, path, "STORESCU")
@@ -89,7 +96,7 @@ def test_a_c_store_by_storescu_leaves_a_store_event(gateway, tmp_path):
 
 def test_a_qido_search_leaves_a_query_event(gateway):
     gw = gateway
-    sample = small_ct(PatientID="AUDIT-QIDO")
+    sample = study_of("AUDIT-QIDO")
     assert store_all(gw, [sample])[sample.name] == 0
     found = client(gw).search_for_studies(search_filters={"PatientID": "AUDIT-QIDO"})
     assert len(found) == 1
@@ -105,7 +112,7 @@ def test_a_qido_search_leaves_a_query_event(gateway):
 
 def test_a_wado_retrieve_leaves_a_retrieve_event(gateway):
     gw = gateway
-    sample = small_ct(PatientID="AUDIT-WADO")
+    sample = study_of("AUDIT-WADO")
     assert store_all(gw, [sample])[sample.name] == 0
     got = client(gw).retrieve_instance(sample.study_uid, sample.series_uid, sample.sop_uid)
     assert str(got.SOPInstanceUID) == sample.sop_uid
@@ -121,7 +128,7 @@ def test_a_wado_retrieve_leaves_a_retrieve_event(gateway):
 def test_events_are_searched_by_date_patient_entity_and_agent(gateway):
     gw = gateway
     before = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=2)
-    a, b = small_ct(PatientID="AUDIT-A"), small_ct(PatientID="AUDIT-B")
+    a, b = study_of("AUDIT-A"), study_of("AUDIT-B")
     assert store_all(gw, [a], calling="AUDIT_AE_A")[a.name] == 0
     assert store_all(gw, [b], calling="AUDIT_AE_B")[b.name] == 0
     after = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
@@ -145,7 +152,7 @@ def test_events_are_searched_by_date_patient_entity_and_agent(gateway):
 
 def test_a_store_event_survives_kill_9_right_after_the_c_store_success(fresh_gateway):
     gw = fresh_gateway
-    sample = small_ct(PatientID="AUDIT-KILL")
+    sample = study_of("AUDIT-KILL")
     with association(gw, contexts_for([sample]), calling="KILLED_AE") as assoc:
         assert store(assoc, sample) == 0
         gw.kill9()
