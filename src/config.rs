@@ -687,7 +687,9 @@ impl Config {
 
     /// Whether HTTP requests must carry credentials (`[auth]` names a JWKS, API keys or a users file).
     pub fn http_auth_configured(&self) -> bool {
-        !self.auth.jwks.is_empty() || !self.auth.api_keys.is_empty() || !self.auth.users_file.is_empty()
+        !self.auth.jwks.is_empty()
+            || !self.auth.api_keys.is_empty()
+            || !self.auth.users_file.is_empty()
     }
 
     pub fn spool_path(&self) -> PathBuf {

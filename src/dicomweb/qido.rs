@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::Extension;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
@@ -149,7 +149,16 @@ pub async fn studies(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    run(state, &scope, &headers, Level::Study, None, None, raw.as_deref()).await
+    run(
+        state,
+        &scope,
+        &headers,
+        Level::Study,
+        None,
+        None,
+        raw.as_deref(),
+    )
+    .await
 }
 
 pub async fn series(
@@ -158,7 +167,16 @@ pub async fn series(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    run(state, &scope, &headers, Level::Series, None, None, raw.as_deref()).await
+    run(
+        state,
+        &scope,
+        &headers,
+        Level::Series,
+        None,
+        None,
+        raw.as_deref(),
+    )
+    .await
 }
 
 pub async fn instances(
@@ -167,7 +185,16 @@ pub async fn instances(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    run(state, &scope, &headers, Level::Instance, None, None, raw.as_deref()).await
+    run(
+        state,
+        &scope,
+        &headers,
+        Level::Instance,
+        None,
+        None,
+        raw.as_deref(),
+    )
+    .await
 }
 
 pub async fn study_series(

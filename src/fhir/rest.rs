@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::Extension;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde_json::{json, Map, Value};
 
 use super::mapping::{self, Context, Endpoints, DICOMWEB_ENDPOINT_ID};

@@ -736,10 +736,13 @@ mod tests {
             },
         ]);
         let (sql, args) = q.where_clause();
-        assert!(sql.ends_with(
-            " AND (COALESCE(json_extract(st.attrs_json, ?), '') IN (?, ?) \
+        assert!(
+            sql.ends_with(
+                " AND (COALESCE(json_extract(st.attrs_json, ?), '') IN (?, ?) \
              OR COALESCE(json_extract(st.attrs_json, ?), '') IN (?))"
-        ), "{sql}");
+            ),
+            "{sql}"
+        );
         assert_eq!(args[1], Arg::Text("$.\"00080080\".Value[0]".into()));
         assert_eq!(args[4], Arg::Text("$.\"00100021\".Value[0]".into()));
         let mut nothing = Query::new(Level::Study);

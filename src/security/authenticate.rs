@@ -111,10 +111,20 @@ impl Authenticator {
                 .and_then(|payload| payload.check(&expected, chrono::Utc::now().timestamp()))
                 .map_err(|e| e.to_string())?;
             let scopes = Scopes::parse(claims.scopes.iter().map(String::as_str));
-            Ok(Some(identity(Credential::Bearer, &claims.subject, scopes, claims.groups)))
+            Ok(Some(identity(
+                Credential::Bearer,
+                &claims.subject,
+                scopes,
+                claims.groups,
+            )))
         } else if scheme.eq_ignore_ascii_case("apikey") {
             let (name, scopes) = self.api_keys.find(value, chrono::Utc::now())?;
-            Ok(Some(identity(Credential::ApiKey, name, scopes.clone(), Vec::new())))
+            Ok(Some(identity(
+                Credential::ApiKey,
+                name,
+                scopes.clone(),
+                Vec::new(),
+            )))
         } else if scheme.eq_ignore_ascii_case("basic") {
             let Some(users) = self.users.clone() else {
                 return Err("basic authentication is not accepted".into());
@@ -124,14 +134,17 @@ impl Authenticator {
                 .ok()
                 .and_then(|d| String::from_utf8(d).ok())
                 .ok_or("malformed basic credentials")?;
-            let (user, password) = decoded.split_once(':').ok_or("malformed basic credentials")?;
+            let (user, password) = decoded
+                .split_once(':')
+                .ok_or("malformed basic credentials")?;
             let (user, password) = (user.to_string(), password.to_string());
             // PBKDF2 is slow by design: off the async threads.
             let checked_user = user.clone();
-            let scopes = tokio::task::spawn_blocking(move || users.verify(&checked_user, &password))
-                .await
-                .map_err(|_| "password check failed")?
-                .ok_or("wrong user name or password")?;
+            let scopes =
+                tokio::task::spawn_blocking(move || users.verify(&checked_user, &password))
+                    .await
+                    .map_err(|_| "password check failed")?
+                    .ok_or("wrong user name or password")?;
             Ok(Some(identity(Credential::Basic, &user, scopes, Vec::new())))
         } else {
             Err(format!("unsupported authorization scheme {scheme:?}"))
@@ -150,6 +163,9 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
         bail!("empty password");
     }
     let iterations = NonZeroU32::new(super::credentials::PBKDF2_ITERATIONS).expect("non-zero");
-    println!("{}", super::credentials::hash_password(password, iterations)?);
+    println!(
+        "{}",
+        super::credentials::hash_password(password, iterations)?
+    );
     Ok(())
 }

@@ -68,7 +68,11 @@ impl ApiKeys {
     }
 
     /// The name and scopes of `presented`, unless it is unknown or expired.
-    pub fn find(&self, presented: &str, now: DateTime<Utc>) -> Result<(&str, &Scopes), &'static str> {
+    pub fn find(
+        &self,
+        presented: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(&str, &Scopes), &'static str> {
         let hash = digest::digest(&digest::SHA256, presented.as_bytes());
         let key = self
             .0
@@ -112,7 +116,10 @@ impl Users {
             };
             let (iterations, salt, hash) = parse_hash(hash)
                 .with_context(|| format!("{path} line {}: not a {HASH_PREFIX} hash", number + 1))?;
-            let scopes = scopes.unwrap_or("").split([' ', ',']).filter(|s| !s.is_empty());
+            let scopes = scopes
+                .unwrap_or("")
+                .split([' ', ','])
+                .filter(|s| !s.is_empty());
             users.insert(
                 name.to_string(),
                 User {
@@ -190,7 +197,7 @@ fn parse_hash(text: &str) -> Option<(NonZeroU32, Vec<u8>, Vec<u8>)> {
 
 fn hex(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -219,13 +226,18 @@ mod tests {
             expires: "2030-01-01T00:00:00Z".into(),
         }])
         .unwrap();
-        let now = Utc::now().with_timezone(&Utc);
+        let now = Utc::now();
         let (name, scopes) = keys.find("secret-key", now).unwrap();
         assert_eq!(name, "robot");
         assert!(scopes.allows(Action::Store, None));
         assert!(keys.find("other-key", now).is_err());
-        let later = DateTime::parse_from_rfc3339("2031-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
-        assert_eq!(keys.find("secret-key", later).err(), Some("API key expired"));
+        let later = DateTime::parse_from_rfc3339("2031-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            keys.find("secret-key", later).err(),
+            Some("API key expired")
+        );
     }
 
     #[test]

@@ -47,7 +47,12 @@ pub fn need<'a>(method: &Method, path: &'a str) -> Option<Need<'a>> {
         Method::DELETE => Some(Action::Delete),
         _ => None,
     };
-    let dicom = |action| Some(Need { action, fhir_type: None });
+    let dicom = |action| {
+        Some(Need {
+            action,
+            fhir_type: None,
+        })
+    };
     if path == "/fhir-push/status" {
         return dicom(Action::Admin);
     }
@@ -62,7 +67,11 @@ pub fn need<'a>(method: &Method, path: &'a str) -> Option<Need<'a>> {
         // QIDO-RS paths end in a collection (`/studies`, `.../series`, `.../instances`); UIDs are digits.
         let last = rest.rsplit('/').next().unwrap_or("");
         let searching = matches!(last, "studies" | "series" | "instances");
-        return dicom(writing.unwrap_or(if searching { Action::Search } else { Action::Read }));
+        return dicom(writing.unwrap_or(if searching {
+            Action::Search
+        } else {
+            Action::Read
+        }));
     }
     // WADO-URI, the ZIP download, the IHE Invoke Image Display redirect, and unknown paths.
     dicom(writing.unwrap_or(Action::Read))
@@ -96,7 +105,7 @@ pub async fn authenticate(State(gate): State<Arc<Gate>>, request: Request, next:
         (Some(auth), Ok(Some(identity))) => {
             tracing::info!(
                 target: "audit",
-                subject = identity.subject,
+                subject = %identity.subject,
                 action = ?need.action,
                 path = request.uri().path(),
                 "refused: scope lacks the action"
@@ -109,7 +118,7 @@ pub async fn authenticate(State(gate): State<Arc<Gate>>, request: Request, next:
                 target: "audit",
                 address = ?address,
                 path = request.uri().path(),
-                reason,
+                %reason,
                 "refused: invalid credentials"
             );
             let error = Some(("invalid_token", reason.as_str()));
@@ -120,7 +129,8 @@ pub async fn authenticate(State(gate): State<Arc<Gate>>, request: Request, next:
     if let Scope::Studies(filters) = &scope {
         let path = request.uri().path();
         // A store names the study it adds to, which need not exist yet: not a read of it.
-        let named = study_named(path, request.uri().query()).filter(|_| need.action != Action::Store);
+        let named =
+            study_named(path, request.uri().query()).filter(|_| need.action != Action::Store);
         match named {
             // A study outside the scope is answered as a missing one, whatever the action.
             Some(study) => match gate.index.study_within(&study, filters).await {
@@ -136,14 +146,14 @@ pub async fn authenticate(State(gate): State<Arc<Gate>>, request: Request, next:
             None if scoped_search(need.action, need.fhir_type) => {}
             None if need.fhir_type == Some("Endpoint") => {}
             None => {
-                tracing::info!(target: "audit", subject = identity.subject, path, "refused by the policy");
+                tracing::info!(target: "audit", subject = %identity.subject, path, "refused by the policy");
                 return policy_refusal(&gate, need.action);
             }
         }
     } else if scope == Scope::Nothing {
         tracing::info!(
             target: "audit",
-            subject = identity.subject,
+            subject = %identity.subject,
             path = request.uri().path(),
             "refused by the policy"
         );
@@ -233,7 +243,10 @@ fn refusal(
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     // Printable ASCII only (a reason may quote a header's bytes).
-    let challenge: String = challenge.chars().filter(|c| (' '..='~').contains(c)).collect();
+    let challenge: String = challenge
+        .chars()
+        .filter(|c| (' '..='~').contains(c))
+        .collect();
     if let Ok(value) = HeaderValue::from_str(&challenge) {
         headers.append(WWW_AUTHENTICATE, value);
     }
@@ -260,26 +273,59 @@ mod tests {
         assert_eq!(asks(Method::GET, "/viewer/index.html"), None);
         assert_eq!(asks(Method::GET, "/fhir/metadata"), None);
         assert_eq!(asks(Method::GET, "/dicomweb/studies"), Some((Search, None)));
-        assert_eq!(asks(Method::GET, "/dicomweb/studies/1.2/series/3.4/instances"), Some((Search, None)));
-        assert_eq!(asks(Method::GET, "/dicomweb/studies/1.2"), Some((Read, None)));
-        assert_eq!(asks(Method::GET, "/dicomweb/studies/1.2/metadata"), Some((Read, None)));
-        assert_eq!(asks(Method::GET, "/dicomweb/studies/1.2/thumbnail"), Some((Read, None)));
+        assert_eq!(
+            asks(Method::GET, "/dicomweb/studies/1.2/series/3.4/instances"),
+            Some((Search, None))
+        );
+        assert_eq!(
+            asks(Method::GET, "/dicomweb/studies/1.2"),
+            Some((Read, None))
+        );
+        assert_eq!(
+            asks(Method::GET, "/dicomweb/studies/1.2/metadata"),
+            Some((Read, None))
+        );
+        assert_eq!(
+            asks(Method::GET, "/dicomweb/studies/1.2/thumbnail"),
+            Some((Read, None))
+        );
         assert_eq!(asks(Method::POST, "/dicomweb/studies"), Some((Store, None)));
-        assert_eq!(asks(Method::DELETE, "/dicomweb/studies/1.2"), Some((Delete, None)));
+        assert_eq!(
+            asks(Method::DELETE, "/dicomweb/studies/1.2"),
+            Some((Delete, None))
+        );
         assert_eq!(asks(Method::GET, "/wado"), Some((Read, None)));
-        assert_eq!(asks(Method::GET, "/download/studies/1.2"), Some((Read, None)));
-        assert_eq!(asks(Method::GET, "/fhir/ImagingStudy"), Some((Search, Some("ImagingStudy"))));
-        assert_eq!(asks(Method::GET, "/fhir/Patient/p1"), Some((Read, Some("Patient"))));
+        assert_eq!(
+            asks(Method::GET, "/download/studies/1.2"),
+            Some((Read, None))
+        );
+        assert_eq!(
+            asks(Method::GET, "/fhir/ImagingStudy"),
+            Some((Search, Some("ImagingStudy")))
+        );
+        assert_eq!(
+            asks(Method::GET, "/fhir/Patient/p1"),
+            Some((Read, Some("Patient")))
+        );
         assert_eq!(asks(Method::GET, "/fhir-push/status"), Some((Admin, None)));
         assert_eq!(asks(Method::GET, "/anything-else"), Some((Read, None)));
     }
 
     #[test]
     fn the_study_a_request_names() {
-        assert_eq!(study_named("/dicomweb/studies/1.2/series/3", None).as_deref(), Some("1.2"));
+        assert_eq!(
+            study_named("/dicomweb/studies/1.2/series/3", None).as_deref(),
+            Some("1.2")
+        );
         assert_eq!(study_named("/dicomweb/studies", None), None);
-        assert_eq!(study_named("/download/studies/1.5", None).as_deref(), Some("1.5"));
-        assert_eq!(study_named("/fhir/ImagingStudy/1.6", None).as_deref(), Some("1.6"));
+        assert_eq!(
+            study_named("/download/studies/1.5", None).as_deref(),
+            Some("1.5")
+        );
+        assert_eq!(
+            study_named("/fhir/ImagingStudy/1.6", None).as_deref(),
+            Some("1.6")
+        );
         let wado = Some("requestType=WADO&studyUID=1.7&seriesUID=8");
         assert_eq!(study_named("/wado", wado).as_deref(), Some("1.7"));
     }

@@ -17,7 +17,8 @@ use super::jwt::{Alg, PublicKey};
 use crate::fhir::http::Client;
 
 enum Source {
-    Url(String, Client),
+    // Boxed: the client is large, the file variant a path.
+    Url(String, Box<Client>),
     File(std::path::PathBuf),
 }
 
@@ -39,7 +40,7 @@ impl Jwks {
     /// `location`: an `http(s)://` URL or a file path.
     pub fn new(location: &str, max_age: Duration, min_refetch: Duration) -> anyhow::Result<Jwks> {
         let source = if location.starts_with("https://") || location.starts_with("http://") {
-            Source::Url(location.to_string(), Client::new()?)
+            Source::Url(location.to_string(), Box::new(Client::new()?))
         } else {
             Source::File(location.into())
         };
@@ -88,7 +89,9 @@ impl Jwks {
                 tracing::info!(keys = keys.len(), "JWKS loaded");
                 cache.keys = keys;
             }
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "JWKS not loaded; keeping the keys known"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "JWKS not loaded; keeping the keys known")
+            }
         }
     }
 

@@ -111,7 +111,10 @@ impl<'a> Token<'a> {
         };
         Ok(Token {
             alg,
-            kid: header.get("kid").and_then(Value::as_str).map(str::to_string),
+            kid: header
+                .get("kid")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             signed: &token[..token.len() - signature.len() - 1],
             payload: decode(payload)?,
             signature: decode(signature)?,
@@ -212,12 +215,16 @@ mod tests {
     }
 
     fn es256_token(pair: &EcdsaKeyPair, header: &str, claims: &Value) -> String {
-        let signed = format!("{}.{}", b64(header.as_bytes()), b64(claims.to_string().as_bytes()));
+        let signed = format!(
+            "{}.{}",
+            b64(header.as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
         let signature = pair.sign(&SystemRandom::new(), signed.as_bytes()).unwrap();
         format!("{signed}.{}", b64(signature.as_ref()))
     }
 
-    fn pair() -> (EcdsaKeyPair, PublicKey) {
+    fn new_pair() -> (EcdsaKeyPair, PublicKey) {
         let pkcs8 =
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
                 .unwrap();
@@ -240,11 +247,15 @@ mod tests {
 
     #[test]
     fn es256_token_verifies_and_yields_its_claims() {
-        let (pair, key) = pair();
+        let (pair, key) = new_pair();
         let token = es256_token(&pair, r#"{"alg":"ES256","kid":"k1"}"#, &claims(1000));
         let parsed = Token::parse(&token).unwrap();
         assert_eq!(parsed.kid.as_deref(), Some("k1"));
-        let claims = parsed.verify(&[key]).unwrap().check(&EXPECTED, 1020).unwrap();
+        let claims = parsed
+            .verify(&[key])
+            .unwrap()
+            .check(&EXPECTED, 1020)
+            .unwrap();
         assert_eq!(claims.subject, "alice");
         assert_eq!(claims.scopes, ["read", "search"]);
         assert_eq!(claims.groups, ["radiology"]);
@@ -252,15 +263,30 @@ mod tests {
 
     #[test]
     fn expiry_issuer_audience_and_signature_are_checked() {
-        let (pair, key) = pair();
-        let (_, other_key) = pair();
+        let (pair, key) = new_pair();
+        let (_, other_key) = new_pair();
         let token = es256_token(&pair, r#"{"alg":"ES256"}"#, &claims(1000));
-        let check = |now| Token::parse(&token).unwrap().verify(&[key.clone()]).unwrap().check(&EXPECTED, now);
+        let check = |now| {
+            Token::parse(&token)
+                .unwrap()
+                .verify(std::slice::from_ref(&key))
+                .unwrap()
+                .check(&EXPECTED, now)
+        };
         assert_eq!(check(1031), Err(JwtError::Expired));
-        let wrong_aud = Expected { audience: "other", ..EXPECTED };
-        let payload = Token::parse(&token).unwrap().verify(&[key.clone()]).unwrap();
+        let wrong_aud = Expected {
+            audience: "other",
+            ..EXPECTED
+        };
+        let payload = Token::parse(&token)
+            .unwrap()
+            .verify(std::slice::from_ref(&key))
+            .unwrap();
         assert_eq!(payload.check(&wrong_aud, 0), Err(JwtError::Audience));
-        let wrong_iss = Expected { issuer: "https://evil", ..EXPECTED };
+        let wrong_iss = Expected {
+            issuer: "https://evil",
+            ..EXPECTED
+        };
         let payload = Token::parse(&token).unwrap().verify(&[key]).unwrap();
         assert_eq!(payload.check(&wrong_iss, 0), Err(JwtError::Issuer));
         let result = Token::parse(&token).unwrap().verify(&[other_key]);
@@ -270,7 +296,11 @@ mod tests {
     #[test]
     fn alg_none_and_hmac_are_refused() {
         for alg in ["none", "HS256"] {
-            let token = format!("{}.{}.", b64(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()), b64(b"{}"));
+            let token = format!(
+                "{}.{}.",
+                b64(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()),
+                b64(b"{}")
+            );
             assert!(matches!(Token::parse(&token), Err(JwtError::Algorithm(_))));
         }
         assert!(matches!(Token::parse("a.b"), Err(JwtError::Malformed(_))));

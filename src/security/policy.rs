@@ -59,7 +59,7 @@ impl Rule {
         let is = |wanted: &Option<String>, actual: Option<&str>| {
             wanted.as_deref().is_none_or(|w| actual == Some(w))
         };
-        is(&self.subject, Some(&identity.subject))
+        is(&self.subject, Some(identity.subject.as_str()))
             && self
                 .scope
                 .as_deref()
@@ -227,21 +227,53 @@ mod tests {
     #[test]
     fn rules_deny_by_default_and_scope_by_study_attribute() {
         let policy = Policy::new(&[
-            rule(&[("group", "north")], &["search", "read"], &["North Hospital"]),
+            rule(
+                &[("group", "north")],
+                &["search", "read"],
+                &["North Hospital"],
+            ),
             rule(&[("subject", "auditor")], &["search"], &[]),
-            rule(&[("ae_title", "MOD1")], &["store"], &["North Hospital", "Annex"]),
+            rule(
+                &[("ae_title", "MOD1")],
+                &["store"],
+                &["North Hospital", "Annex"],
+            ),
         ])
         .unwrap();
         let north = user("n", &["north"]);
-        assert_eq!(policy.decide(&north, Action::Read, at("North Hospital")), Decision::Allow);
-        assert_eq!(policy.decide(&north, Action::Read, at("South Hospital")), Decision::Deny);
-        assert_eq!(policy.decide(&north, Action::Store, at("North Hospital")), Decision::Deny);
-        assert_eq!(policy.scope(&user("x", &[]), Action::Search), Scope::Nothing);
-        assert_eq!(policy.scope(&user("auditor", &[]), Action::Search), Scope::All);
-        assert_eq!(policy.scope(&user("auditor", &[]), Action::Read), Scope::Nothing);
+        assert_eq!(
+            policy.decide(&north, Action::Read, at("North Hospital")),
+            Decision::Allow
+        );
+        assert_eq!(
+            policy.decide(&north, Action::Read, at("South Hospital")),
+            Decision::Deny
+        );
+        assert_eq!(
+            policy.decide(&north, Action::Store, at("North Hospital")),
+            Decision::Deny
+        );
+        assert_eq!(
+            policy.scope(&user("x", &[]), Action::Search),
+            Scope::Nothing
+        );
+        assert_eq!(
+            policy.scope(&user("auditor", &[]), Action::Search),
+            Scope::All
+        );
+        assert_eq!(
+            policy.scope(&user("auditor", &[]), Action::Read),
+            Scope::Nothing
+        );
         let modality = Identity::dimse_peer("MOD1", "10.0.0.1".parse().unwrap(), None);
-        assert_eq!(policy.decide(&modality, Action::Store, at("Annex")), Decision::Allow);
-        assert_eq!(policy.decide(&modality, Action::Search, at("Annex")), Decision::Deny);
+        assert_eq!(
+            policy.decide(&modality, Action::Store, at("Annex")),
+            Decision::Allow
+        );
+        assert_eq!(
+            policy.decide(&modality, Action::Search, at("Annex")),
+            Decision::Deny
+        );
     }
 
     #[test]
