@@ -14,6 +14,7 @@ import uuid
 import pytest
 import requests
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, build_role, evt
 
 from gw_auth import sha256_hex
@@ -58,7 +59,7 @@ def gateway_env():
 
 @pytest.fixture(scope="module")
 def studies(gateway):
-    with association(gateway, [build_context(SC_IMAGE)], calling="ADMIN") as assoc:
+    with association(gateway, [build_context(SC_IMAGE, ExplicitVRLittleEndian)], calling="ADMIN") as assoc:
         for study_uid, institution in INSTITUTIONS.items():
             assert store(assoc, sample(study_uid, institution)) == 0
     return INSTITUTIONS
@@ -173,7 +174,7 @@ def stow(gw, who, study):
 
 
 def cstore(gw, who, study):
-    with association(gw, [build_context(SC_IMAGE)], calling=who) as assoc:
+    with association(gw, [build_context(SC_IMAGE, ExplicitVRLittleEndian)], calling=who) as assoc:
         status = store(assoc, sample(study, "Elsewhere", n=3))
     if status == 0x0124:
         return "refused"
