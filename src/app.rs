@@ -103,6 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let store_for_close = store.clone();
+    let policy = Arc::new(crate::security::policy::Policy::new(&config.policy.rules)?);
     let index_for_stop = index.clone();
     let activity = |action| AuditEvent::new(action, Origin::application(), Outcome::Success);
     crate::audit::record_now(&index, activity(Action::ApplicationStart)).await;
@@ -112,6 +113,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         index: index.clone(),
         store: store.clone(),
         shutdown: stopping.clone(),
+        policy: policy.clone(),
     });
     let web = Arc::new(WebState {
         index,
@@ -146,7 +148,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         viewer::PREFIX,
         public_root.as_deref(),
     ));
-    let router = http_server::with_limits(http_router(web, fhir, ohif, &config.http), &config.http);
+    let auth = crate::security::authenticate::Authenticator::from_config(&config.auth)?;
+    if auth.is_none() {
+        tracing::warn!("no [auth] configured: HTTP callers are not authenticated");
+    }
+    let gate = Arc::new(crate::security::http::Gate {
+        auth,
+        policy,
+        index: web.index.clone(),
+    });
+    let router = http_server::with_limits(
+        http_router(web, fhir, ohif, gate, &config.http),
+        &config.http,
+    );
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
 
     // Every association holds a slot until it ends: on shutdown, all slots back means all done.
@@ -206,6 +220,7 @@ fn http_router(
     web: Arc<WebState>,
     fhir: Option<Arc<crate::fhir::FhirState>>,
     ohif: Arc<Viewer>,
+    gate: Arc<crate::security::http::Gate>,
     http: &HttpConfig,
 ) -> Router {
     let cors_origins = &http.cors_allowed_origins;
@@ -237,14 +252,17 @@ fn http_router(
     if let Some(fhir) = fhir {
         router = router.merge(crate::fhir::routes(fhir));
     }
-    // Outside every route: the policy and the audit trail find the caller in each request (the
-    // audit layer runs inside `identify`, which sets it).
+    // Outside every route: each request is authenticated and its scopes checked, and the policy and the
+    // audit trail find the caller in it (the audit layer runs inside `authenticate`, which sets it).
     router = router
         .layer(axum::middleware::from_fn_with_state(
             index,
             crate::audit::http::audit,
         ))
-        .layer(axum::middleware::from_fn(crate::security::http::identify))
+        .layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::security::http::authenticate,
+        ))
         .layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
         let origins = if cors_origins.iter().any(|o| o == "*") {

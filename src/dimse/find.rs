@@ -22,11 +22,13 @@ use super::message::{self, cancel_requested, Inbox, ProtocolError};
 use super::peers::{self, Right};
 use super::qr::{self, status, Failure, Model, QrLevel, Request};
 use super::{dataset, Context};
-use crate::audit::{Action, Outcome};
+use crate::audit::{Action as AuditAction, Outcome};
 use crate::index::query::{vr_of, Query};
 use crate::index::results::{self, Match, ResultLevel};
 use crate::model::json::element_from_json;
 use crate::model::levels::PATIENT_TAGS;
+use crate::security::policy::Scope;
+use crate::security::Action;
 
 /// A C-FIND request, parsed.
 struct Plan {
@@ -149,7 +151,13 @@ pub async fn run(
         req.peer.ip(),
         Right::Query,
     ) {
-        audited::record(ctx, &req, Action::PolicyDenial, Outcome::MinorFailure, 0);
+        audited::record(
+            ctx,
+            &req,
+            AuditAction::PolicyDenial,
+            Outcome::MinorFailure,
+            0,
+        );
         let comment = "calling AE title is not allowed to query";
         let rsp = final_response(status::NOT_AUTHORIZED, Some(comment));
         return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
@@ -157,7 +165,14 @@ pub async fn run(
     let parsed = dataset::decode(&req.identifier, &req.transfer_syntax)
         .map_err(|e| Failure::new(status::UNABLE_TO_PROCESS, format!("identifier: {e}")))
         .and_then(|identifier| plan(model, &identifier));
-    let plan = match parsed {
+    let scoped = parsed.and_then(|mut plan| {
+        // Only the studies the policy lets the caller search, in the SQL.
+        if let Scope::Studies(filters) = req.scope(&ctx.policy, Action::Search)? {
+            plan.query.within(&filters);
+        }
+        Ok(plan)
+    });
+    let plan = match scoped {
         Ok(plan) => plan,
         Err(f) => {
             tracing::warn!(calling_ae = %req.calling_ae, status = format!("{:04X}", f.status), comment = %f.comment, "C-FIND refused");
@@ -165,7 +180,7 @@ pub async fn run(
             return message::send(assoc, req.pc, &rsp, None, req.write_timeout).await;
         }
     };
-    audited::record(ctx, &req, Action::Query, Outcome::Success, 0);
+    audited::record(ctx, &req, AuditAction::Query, Outcome::Success, 0);
     let pending = if plan.optional_keys_unsupported {
         status::PENDING_OPTIONAL_KEYS_UNSUPPORTED
     } else {
