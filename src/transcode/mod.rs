@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use frame::PixelHeader;
 pub use object::Form;
-pub use syntax::{can_decode, check, is_native};
+pub use syntax::{can_decode, check, is_lossy, is_native};
 
 use crate::index::StoredInstance;
 use crate::ingest::layout::Layout;
