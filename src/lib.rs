@@ -22,6 +22,8 @@ pub mod config;
 pub mod dicomweb;
 pub mod dimse;
 pub mod fhir;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod http_server;
 pub mod index;
 pub mod ingest;

@@ -17,6 +17,8 @@ mod media;
 mod metadata;
 mod multipart;
 mod qido;
+#[cfg(fuzzing)]
+pub use qido::sql_for_fuzzing as qido_sql_for_fuzzing;
 mod rendered;
 mod retrieve;
 pub mod stow;

@@ -17,17 +17,17 @@
 //! checks the SOP class of each request (0122 otherwise), as do the Q/R handlers.
 
 mod association;
-mod command;
+pub(crate) mod command;
 mod dataset;
 mod echo;
 mod find;
 mod get;
 mod message;
 mod move_;
-mod negotiation;
+pub(crate) mod negotiation;
 mod peers;
 mod qr;
-mod receive;
+pub(crate) mod receive;
 mod retrieve;
 pub mod store;
 

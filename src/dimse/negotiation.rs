@@ -151,7 +151,12 @@ pub async fn peek_request(socket: &TcpStream, max_len: u32, config: &DimseConfig
     if !peek_full(socket, &mut buf).await {
         return Proposal::Unread;
     }
-    match dicom_ul::pdu::read_pdu(&mut Cursor::new(&buf[..]), max_len, true) {
+    proposal(&buf, max_len, config)
+}
+
+/// What the A-ASSOCIATE-RQ in `pdu` (the whole PDU) proposes; `Unread` if it is not one.
+pub fn proposal(pdu: &[u8], max_len: u32, config: &DimseConfig) -> Proposal {
+    match dicom_ul::pdu::read_pdu(&mut Cursor::new(pdu), max_len, true) {
         Ok(Some(Pdu::AssociationRQ(rq))) => check(&rq, config),
         _ => Proposal::Unread,
     }

@@ -478,6 +478,17 @@ fn parse<R: Read + Seek>(
     complete(header, reader, size, key_for, None)
 }
 
+/// Everything [`parse`] and the early header read do with an object's bytes, for the fuzz targets.
+#[cfg(fuzzing)]
+pub fn parse_for_fuzzing(object: &[u8]) {
+    let _ = header_from_prefix(object);
+    let _ = parse(
+        &mut std::io::Cursor::new(object),
+        object.len() as u64,
+        |_| String::new(),
+    );
+}
+
 fn unparseable(e: &dyn std::fmt::Display) -> IngestError {
     IngestError::Unparseable(e.to_string())
 }
