@@ -103,6 +103,8 @@ pub struct Context {
     pub store: Arc<dyn ObjectStore>,
     /// Becomes true on shutdown: associations end at their next pause between messages.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// What each peer may do, on which studies (asked by C-FIND, C-MOVE, C-GET and C-STORE).
+    pub policy: Arc<crate::security::policy::Policy>,
 }
 
 /// Runs the DIMSE listener until `shutdown` fires; then stops accepting (associations in progress
@@ -208,7 +210,8 @@ async fn establish(
             negotiation::Proposal::Acceptable(served) => served,
             negotiation::Proposal::Unread => Vec::new(),
         };
-    Ok(negotiation::options(&ctx.config, served)
+    let from = socket.peer_addr().ok().map(|a| a.ip());
+    Ok(negotiation::options(&ctx.config, served, from)
         .establish_async(socket)
         .await?)
 }

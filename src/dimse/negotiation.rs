@@ -26,24 +26,36 @@ use tokio::net::TcpStream;
 use super::{qr, store, TRANSFER_SYNTAXES};
 use crate::config::DimseConfig;
 
-/// Accepts associations only when they call our AE title (if so configured).
+/// Accepts associations only when they call our AE title (if so configured) and, with
+/// `require_known_peers`, only from a `[[dimse.peers]]` AE title (from its address, when pinned).
 pub struct CalledAeCheck {
     enforce: bool,
+    /// The peers a calling AE title must be one of (`None`: any caller), and where it connects from.
+    known_peers: Option<(Vec<crate::config::PeerConfig>, Option<std::net::IpAddr>)>,
 }
 
 impl AccessControl for CalledAeCheck {
     fn check_access(
         &self,
         this_ae_title: &str,
-        _calling_ae_title: &str,
+        calling_ae_title: &str,
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        if !self.enforce || called_ae_title.trim() == this_ae_title.trim() {
-            Ok(())
-        } else {
-            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        if self.enforce && called_ae_title.trim() != this_ae_title.trim() {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
+        if let Some((peers, from)) = &self.known_peers {
+            let known = peers.iter().any(|p| {
+                p.ae_title.trim() == calling_ae_title.trim()
+                    && p.address.is_none_or(|a| Some(a) == *from)
+            });
+            if !known {
+                tracing::warn!(target: "audit", calling_ae = calling_ae_title.trim(), from = ?from, "association rejected: unknown peer");
+                return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -70,10 +82,17 @@ pub enum Proposal {
 }
 
 /// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification).
-pub fn options(config: &DimseConfig, abstract_syntaxes: Vec<String>) -> Options {
+pub fn options(
+    config: &DimseConfig,
+    abstract_syntaxes: Vec<String>,
+    from: Option<std::net::IpAddr>,
+) -> Options {
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(CalledAeCheck {
             enforce: config.check_called_ae,
+            known_peers: config
+                .require_known_peers
+                .then(|| (config.peers.clone(), from)),
         })
         .ae_title(config.ae_title.clone())
         .max_pdu_length(config.max_pdu_length)
