@@ -87,3 +87,18 @@ pub fn qido_query(data: &[u8]) {
         crate::dicomweb::qido_sql_for_fuzzing(level, &query);
     }
 }
+
+/// A bearer token (before the first newline) and a JWKS document (after it): the token's segments and
+/// header, the key set, and the signature check against its keys.
+pub fn jwt(data: &[u8]) {
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let keys: Vec<_> = crate::security::jwks::parse(data.get(split + 1..).unwrap_or_default())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, key)| key)
+        .collect();
+    let token = String::from_utf8_lossy(&data[..split]);
+    if let Ok(token) = crate::security::jwt::Token::parse(&token) {
+        let _ = token.verify(&keys);
+    }
+}
