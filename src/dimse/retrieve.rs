@@ -23,8 +23,8 @@ use super::command::{elem, field, CommandBuilder, DATA_SET_PRESENT};
 use super::message::{self, Inbox, ProtocolError};
 use super::qr::{self, status, Failure, Model, QrLevel, Request};
 use super::{dataset, Context};
+use crate::dicom::read_meta_extent;
 use crate::index::query::{Level, Query};
-use crate::ingest::layout::read_meta_extent;
 use crate::storage::{read_all, ObjectStore};
 use crate::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 
