@@ -235,7 +235,10 @@ fn http_router(
         router =
             router.merge(crate::fhir::routes(fhir).layer(axum::middleware::from_fn(audit_http)));
     }
-    router = router.layer(TraceLayer::new_for_http());
+    // Outside every route: the policy and the audit trail find the caller in each request.
+    router = router
+        .layer(axum::middleware::from_fn(crate::security::http::identify))
+        .layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
         let origins = if cors_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()

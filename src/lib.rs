@@ -18,6 +18,7 @@
 //! - [`transcode`]: decompressing and re-encoding pixel data on retrieve (WADO-RS, C-MOVE / C-GET);
 //! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
 //!   [`config`]: configuration;
+//! - [`security`]: who is calling ([`security::Identity`]) and what they may do;
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
@@ -32,6 +33,7 @@ pub mod ingest;
 pub mod model;
 pub mod reindex;
 pub mod render;
+pub mod security;
 pub mod storage;
 pub mod stored_frame;
 pub mod transcode;

@@ -1,0 +1,73 @@
+//! Who is calling and what they may do, the same answer for every protocol.
+//!
+//! - this file: [`Identity`] (who, as the protocol that carried the request authenticated them) and
+//!   [`Action`] (what a request asks to do);
+//! - [`http`]: the layer that puts an [`Identity`] into every HTTP request's extensions.
+
+pub mod http;
+
+use std::net::IpAddr;
+
+/// What a request asks to do, whatever the protocol (QIDO-RS and C-FIND search; WADO, C-MOVE and
+/// C-GET read; STOW-RS and C-STORE store; DELETE deletes; configuration and status pages are admin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Search,
+    Read,
+    Store,
+    Delete,
+    Admin,
+}
+
+/// How the caller proved who they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// Nothing: only allowed where the configuration says so.
+    Anonymous,
+    /// An OAuth 2.0 / OIDC bearer token (`subject` is its `sub` claim).
+    Bearer,
+    /// An API key (`subject` is the key's name).
+    ApiKey,
+    /// HTTP basic against the user file (`subject` is the user name).
+    Basic,
+    /// A DIMSE peer (`subject` is its calling AE title; `certificate` set over TLS with client
+    /// certificates).
+    DimsePeer,
+}
+
+/// Who is calling: set once per HTTP request or DIMSE association, read by the policy and the audit
+/// trail.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub credential: Credential,
+    /// User, key or AE title, as above; empty for anonymous callers.
+    pub subject: String,
+    /// Where the request came from (the TCP peer).
+    pub address: Option<IpAddr>,
+    /// The calling AE title of a DIMSE association.
+    pub ae_title: Option<String>,
+    /// The subject of the TLS client certificate, when one was verified.
+    pub certificate: Option<String>,
+}
+
+impl Identity {
+    pub fn anonymous(address: Option<IpAddr>) -> Self {
+        Identity {
+            credential: Credential::Anonymous,
+            subject: String::new(),
+            address,
+            ae_title: None,
+            certificate: None,
+        }
+    }
+
+    pub fn dimse_peer(ae_title: &str, address: IpAddr, certificate: Option<String>) -> Self {
+        Identity {
+            credential: Credential::DimsePeer,
+            subject: ae_title.trim().to_string(),
+            address: Some(address),
+            ae_title: Some(ae_title.trim().to_string()),
+            certificate,
+        }
+    }
+}
