@@ -15,12 +15,15 @@
 //! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
 //!   [`config`]: configuration;
 //! - [`security`]: who is calling ([`security::Identity`]) and what they may do;
+//! - [`tls`]: the certificate for DICOM TLS, HTTPS and TLS move destinations (reloaded live);
+//!   [`exposure`]: secure by default (who can reach the listeners);
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
 pub mod config;
 pub mod dicomweb;
 pub mod dimse;
+pub mod exposure;
 pub mod fhir;
 pub mod http_server;
 pub mod index;
@@ -30,6 +33,7 @@ pub mod reindex;
 pub mod render;
 pub mod security;
 pub mod storage;
+pub mod tls;
 pub mod transcode;
 pub mod viewer;
 

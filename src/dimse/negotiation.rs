@@ -23,26 +23,36 @@ use dicom_ul::pdu::{RequestorRoles, UserIdentity};
 use dicom_ul::Pdu;
 use tokio::net::TcpStream;
 
-use super::{qr, store, TRANSFER_SYNTAXES};
-use crate::config::DimseConfig;
+use super::{peers, qr, store, TRANSFER_SYNTAXES};
+use crate::config::{DimseConfig, PeerConfig};
 
-/// Accepts associations only when they call our AE title (if so configured).
-pub struct CalledAeCheck {
-    enforce: bool,
+/// Accepts associations only when they call our AE title (if so configured), and from a calling
+/// AE title whose `[[dimse.peers]]` entries pin a TLS client certificate only with that certificate.
+pub struct AeCheck {
+    enforce_called: bool,
+    peers: Vec<PeerConfig>,
+    /// The subject of the verified TLS client certificate of this connection.
+    certificate: Option<String>,
 }
 
-impl AccessControl for CalledAeCheck {
+impl AccessControl for AeCheck {
     fn check_access(
         &self,
         this_ae_title: &str,
-        _calling_ae_title: &str,
+        calling_ae_title: &str,
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        if !self.enforce || called_ae_title.trim() == this_ae_title.trim() {
-            Ok(())
-        } else {
+        if self.enforce_called && called_ae_title.trim() != this_ae_title.trim() {
             Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        } else if !peers::certificate_matches(
+            &self.peers,
+            calling_ae_title,
+            self.certificate.as_deref(),
+        ) {
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        } else {
+            Ok(())
         }
     }
 }
@@ -57,7 +67,7 @@ impl Negotiation for Roles {
     }
 }
 
-pub type Options = ServerAssociationOptions<'static, CalledAeCheck, Roles>;
+pub type Options = ServerAssociationOptions<'static, AeCheck, Roles>;
 
 /// What the peer proposed, as far as it matters before dicom-ul negotiates.
 pub enum Proposal {
@@ -69,11 +79,18 @@ pub enum Proposal {
     Unread,
 }
 
-/// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification).
-pub fn options(config: &DimseConfig, abstract_syntaxes: Vec<String>) -> Options {
+/// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification),
+/// `certificate` being the subject of the peer's TLS client certificate.
+pub fn options(
+    config: &DimseConfig,
+    abstract_syntaxes: Vec<String>,
+    certificate: Option<&str>,
+) -> Options {
     let mut options = ServerAssociationOptions::new()
-        .ae_access_control(CalledAeCheck {
-            enforce: config.check_called_ae,
+        .ae_access_control(AeCheck {
+            enforce_called: config.check_called_ae,
+            peers: config.peers.clone(),
+            certificate: certificate.map(str::to_string),
         })
         .ae_title(config.ae_title.clone())
         .max_pdu_length(config.max_pdu_length)
