@@ -153,14 +153,14 @@ pub async fn serve(
         ));
         let mut shutdown = shutdown.clone();
         let alive = alive.clone();
-        let (http1, h2) = (builder.clone(), h2.clone());
+        let (h1, h2) = (builder.clone(), h2.clone());
         let tls = tls
             .as_ref()
             .map(|certificates| certificates.http_acceptor());
         tokio::spawn(async move {
             let result = match tls {
                 None => drive!(
-                    http1.serve_connection(TokioIo::new(tcp), service),
+                    h1.serve_connection(TokioIo::new(tcp), service),
                     &mut shutdown
                 ),
                 Some(acceptor) => {
@@ -176,14 +176,14 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    if stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]) {
                         drive!(
                             h2.serve_connection(TokioIo::new(stream), service),
                             &mut shutdown
                         )
                     } else {
                         drive!(
-                            http1.serve_connection(TokioIo::new(stream), service),
+                            h1.serve_connection(TokioIo::new(stream), service),
                             &mut shutdown
                         )
                     }

@@ -13,11 +13,11 @@ pub fn of(der: &[u8]) -> Option<String> {
     let (cert, _) = element(der, SEQUENCE)?;
     let (mut tbs, _) = element(cert, SEQUENCE)?;
     if tbs.first() == Some(&VERSION) {
-        tbs = any(tbs)?.1;
+        tbs = any(tbs)?.2;
     }
     // serialNumber, signature, issuer, validity, then subject.
     for _ in 0..4 {
-        tbs = any(tbs)?.1;
+        tbs = any(tbs)?.2;
     }
     let (name, _) = element(tbs, SEQUENCE)?;
     format_name(name)
