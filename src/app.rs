@@ -119,6 +119,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(certificates.clone().watch(stopping.clone()));
     }
     let store_for_close = store.clone();
+    let policy = Arc::new(crate::security::policy::Policy::new(&config.policy.rules)?);
     let dimse_ctx = Arc::new(dimse::Context {
         config: config.dimse.clone(),
         ingestor: ingestor.clone(),
@@ -126,6 +127,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         shutdown: stopping.clone(),
         tls: certificates.clone(),
+        policy: policy.clone(),
     });
     let web = Arc::new(WebState {
         index,
@@ -161,7 +163,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         viewer::PREFIX,
         public_root.as_deref(),
     ));
-    let router = http_server::with_limits(http_router(web, fhir, ohif, &config.http), &config.http);
+    let auth = crate::security::authenticate::Authenticator::from_config(&config.auth)?;
+    if auth.is_none() {
+        tracing::warn!("no [auth] configured: HTTP callers are not authenticated");
+    }
+    let gate = Arc::new(crate::security::http::Gate {
+        auth,
+        policy,
+        index: web.index.clone(),
+    });
+    let router = http_server::with_limits(
+        http_router(web, fhir, ohif, gate, &config.http),
+        &config.http,
+    );
     tracing::info!(addr = %http_listener.local_addr()?, https = config.http.tls, "HTTP listening");
 
     // Every association holds a slot until it ends: on shutdown, all slots back means all done.
@@ -246,6 +260,7 @@ fn http_router(
     web: Arc<WebState>,
     fhir: Option<Arc<crate::fhir::FhirState>>,
     ohif: Arc<Viewer>,
+    gate: Arc<crate::security::http::Gate>,
     http: &HttpConfig,
 ) -> Router {
     let cors_origins = &http.cors_allowed_origins;
@@ -278,9 +293,13 @@ fn http_router(
         router =
             router.merge(crate::fhir::routes(fhir).layer(axum::middleware::from_fn(audit_http)));
     }
-    // Outside every route: the policy and the audit trail find the caller in each request.
+    // Outside every route: each request is authenticated and its scopes checked, and the policy and the
+    // audit trail find the caller in it.
     router = router
-        .layer(axum::middleware::from_fn(crate::security::http::identify))
+        .layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::security::http::authenticate,
+        ))
         .layer(TraceLayer::new_for_http());
     if !cors_origins.is_empty() {
         let origins = if cors_origins.iter().any(|o| o == "*") {

@@ -27,6 +27,8 @@ pub struct Config {
     pub viewer: ViewerConfig,
     pub render: RenderConfig,
     pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub policy: PolicyConfig,
 }
 
 /// What to do when an instance arrives whose SOP Instance UID is already stored.
@@ -70,6 +72,9 @@ pub struct DimseConfig {
     pub retrieve_pending_interval_ms: u64,
     /// Known application entities: C-MOVE destinations, and who may query and retrieve.
     pub peers: Vec<PeerConfig>,
+    /// Reject associations (A-ASSOCIATE-RJ, "calling AE title not recognized") from AE titles that are
+    /// not in `peers` (or not from a pinned peer's address).
+    pub require_known_peers: bool,
 }
 
 impl DimseConfig {
@@ -472,6 +477,7 @@ impl Default for DimseConfig {
             on_duplicate: DuplicatePolicy::KeepFirst,
             retrieve_pending_interval_ms: 100,
             peers: Vec::new(),
+            require_known_peers: false,
         }
     }
 }
@@ -546,6 +552,86 @@ pub struct RenderConfig {
     pub max_concurrent: usize,
     /// The longest side of a thumbnail when the request gives no viewport, in pixels.
     pub thumbnail_size: u32,
+}
+
+/// `[auth]`: who may call the HTTP endpoints. Nothing set: every caller is anonymous.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The realm named in `WWW-Authenticate`.
+    pub realm: String,
+    /// OIDC / OAuth 2.0 bearer tokens: the JWKS (an http(s) URL or a file), and the `iss` and `aud`
+    /// every token must carry.
+    pub jwks: String,
+    pub issuer: String,
+    pub audience: String,
+    /// Leeway for `exp` and `nbf`, in seconds.
+    pub clock_skew_secs: u64,
+    /// The JWKS is read again after this many seconds, and when a token names an unknown key id, but
+    /// not more often than every `jwks_min_refetch_secs`.
+    pub jwks_cache_secs: u64,
+    pub jwks_min_refetch_secs: u64,
+    /// HTTP basic users: lines `user:hash:scopes` (hash from `dicom-gateway hash-password`).
+    pub users_file: String,
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// `[policy]`: who may do what on which studies (`security::policy`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub rules: Vec<PolicyRuleConfig>,
+}
+
+/// One `[[policy.rules]]` entry: who (every field given must match), the actions, and which studies.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyRuleConfig {
+    /// Token `sub`, API key name, basic user name (or a DIMSE peer's AE title).
+    pub subject: String,
+    /// A scope the credential holds, as written (e.g. "radiology" or "user/*.read").
+    pub scope: String,
+    /// A value of the token's `groups` claim.
+    pub group: String,
+    pub ae_title: String,
+    /// The subject of a verified TLS client certificate.
+    pub certificate: String,
+    /// search, read, store, delete, admin.
+    pub actions: Vec<String>,
+    /// Only studies whose study-level attribute (keyword or 8 hex digits, e.g. "InstitutionName",
+    /// "IssuerOfPatientID") has one of `study_values`; empty: every study.
+    pub study_attribute: String,
+    pub study_values: Vec<String>,
+}
+
+/// One `[[auth.api_keys]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub name: String,
+    /// SHA-256 of the key, hex (`printf %s "$KEY" | sha256sum`).
+    pub sha256: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// RFC 3339 time after which the key is refused; empty: never.
+    #[serde(default)]
+    pub expires: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            realm: "dicom-gateway".into(),
+            jwks: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            clock_skew_secs: 60,
+            jwks_cache_secs: 3600,
+            jwks_min_refetch_secs: 30,
+            users_file: String::new(),
+            api_keys: Vec::new(),
+        }
+    }
 }
 
 impl Default for RenderConfig {
@@ -661,10 +747,11 @@ impl Config {
         Ok(())
     }
 
-    /// Whether HTTP callers must authenticate (so that the HTTP listener may face the network
-    /// without `allow_anonymous`). Nothing authenticates them yet.
+    /// Whether HTTP requests must carry credentials (`[auth]` names a JWKS, API keys or a users file).
     pub fn http_auth_configured(&self) -> bool {
-        false
+        !self.auth.jwks.is_empty()
+            || !self.auth.api_keys.is_empty()
+            || !self.auth.users_file.is_empty()
     }
 
     pub fn spool_path(&self) -> PathBuf {

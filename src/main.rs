@@ -35,12 +35,22 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print a `[auth] users_file` hash (PBKDF2-HMAC-SHA256, random salt) of the password read from
+    /// standard input: `echo -n "$PASSWORD" | dicom-gateway hash-password`, then add a line
+    /// `user:<hash>:read search` to the users file.
+    HashPassword,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::Reindex { config } | Command::Reconcile { config }) =
-        &cli.command;
+    let config = match &cli.command {
+        Command::Serve { config } | Command::Reindex { config } | Command::Reconcile { config } => {
+            config
+        }
+        Command::HashPassword => {
+            return dicom_gateway::security::authenticate::hash_password_from_stdin()
+        }
+    };
     let config = Config::load(config.as_deref())?;
     app::init_logging(&config.log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -51,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { .. } => runtime.block_on(app::serve(config)),
         Command::Reindex { .. } => runtime.block_on(reindex::run(config)),
         Command::Reconcile { .. } => runtime.block_on(app::reconcile_all(config)),
+        Command::HashPassword => unreachable!("answered before the configuration is read"),
     }
 }

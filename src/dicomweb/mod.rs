@@ -12,7 +12,7 @@
 //! Architecture invariant: QIDO and metadata never touch object storage.
 
 mod delete;
-mod error;
+pub mod error;
 mod media;
 mod metadata;
 mod multipart;

@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
@@ -23,6 +24,7 @@ use super::{check_uids, WebState};
 use crate::index::query::{is_uid_key, vr_of, Arg, Level, Query};
 use crate::index::results::{self, Match, ResultLevel};
 use crate::model::json::{self, parse_tag};
+use crate::security::policy::Scope;
 
 /// What the client asked to have returned besides the default attributes.
 #[derive(Debug, Default)]
@@ -143,36 +145,68 @@ fn parse_search(level: Level, raw: Option<&str>) -> Result<Search, ApiError> {
 
 pub async fn studies(
     State(state): State<Arc<WebState>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    run(state, &headers, Level::Study, None, None, raw.as_deref()).await
-}
-
-pub async fn series(
-    State(state): State<Arc<WebState>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    run(state, &headers, Level::Series, None, None, raw.as_deref()).await
-}
-
-pub async fn instances(
-    State(state): State<Arc<WebState>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    run(state, &headers, Level::Instance, None, None, raw.as_deref()).await
-}
-
-pub async fn study_series(
-    State(state): State<Arc<WebState>>,
-    Path(study): Path<String>,
+    Extension(scope): Extension<Scope>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     run(
         state,
+        &scope,
+        &headers,
+        Level::Study,
+        None,
+        None,
+        raw.as_deref(),
+    )
+    .await
+}
+
+pub async fn series(
+    State(state): State<Arc<WebState>>,
+    Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    run(
+        state,
+        &scope,
+        &headers,
+        Level::Series,
+        None,
+        None,
+        raw.as_deref(),
+    )
+    .await
+}
+
+pub async fn instances(
+    State(state): State<Arc<WebState>>,
+    Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    run(
+        state,
+        &scope,
+        &headers,
+        Level::Instance,
+        None,
+        None,
+        raw.as_deref(),
+    )
+    .await
+}
+
+pub async fn study_series(
+    State(state): State<Arc<WebState>>,
+    Path(study): Path<String>,
+    Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    run(
+        state,
+        &scope,
         &headers,
         Level::Series,
         Some(study),
@@ -185,11 +219,13 @@ pub async fn study_series(
 pub async fn study_instances(
     State(state): State<Arc<WebState>>,
     Path(study): Path<String>,
+    Extension(scope): Extension<Scope>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     run(
         state,
+        &scope,
         &headers,
         Level::Instance,
         Some(study),
@@ -202,11 +238,13 @@ pub async fn study_instances(
 pub async fn series_instances(
     State(state): State<Arc<WebState>>,
     Path((study, series)): Path<(String, String)>,
+    Extension(scope): Extension<Scope>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     run(
         state,
+        &scope,
         &headers,
         Level::Instance,
         Some(study),
@@ -218,6 +256,7 @@ pub async fn series_instances(
 
 async fn run(
     state: Arc<WebState>,
+    scope: &Scope,
     headers: &HeaderMap,
     level: Level,
     study: Option<String>,
@@ -226,6 +265,10 @@ async fn run(
 ) -> Result<Response, ApiError> {
     check_accept(headers)?;
     let mut search = parse_search(level, raw)?;
+    // Only the studies the caller may search, in the SQL (so counts and pages see only those).
+    if let Scope::Studies(filters) = scope {
+        search.query.within(filters);
+    }
     if let Some(study) = &study {
         check_uids(&[study])?;
         search

@@ -293,6 +293,7 @@ impl Connection<'_> {
                     &context.abstract_syntax,
                     &context.transfer_syntax,
                     self.calling_ae,
+                    self.peer.ip(),
                 )
                 .await;
                 self.state = State::StoreData {

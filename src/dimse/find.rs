@@ -25,6 +25,8 @@ use crate::index::query::{vr_of, Query};
 use crate::index::results::{self, Match, ResultLevel};
 use crate::model::json::element_from_json;
 use crate::model::levels::PATIENT_TAGS;
+use crate::security::policy::Scope;
+use crate::security::Action;
 
 /// A C-FIND request, parsed.
 struct Plan {
@@ -155,7 +157,14 @@ pub async fn run(
     let parsed = dataset::decode(&req.identifier, &req.transfer_syntax)
         .map_err(|e| Failure::new(status::UNABLE_TO_PROCESS, format!("identifier: {e}")))
         .and_then(|identifier| plan(model, &identifier));
-    let plan = match parsed {
+    let scoped = parsed.and_then(|mut plan| {
+        // Only the studies the policy lets the caller search, in the SQL.
+        if let Scope::Studies(filters) = req.scope(&ctx.policy, Action::Search)? {
+            plan.query.within(&filters);
+        }
+        Ok(plan)
+    });
+    let plan = match scoped {
         Ok(plan) => plan,
         Err(f) => {
             tracing::warn!(calling_ae = %req.calling_ae, status = format!("{:04X}", f.status), comment = %f.comment, "C-FIND refused");

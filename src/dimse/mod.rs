@@ -107,6 +107,8 @@ pub struct Context {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Our certificate, for C-MOVE destinations with `tls = true` (always set when there are any).
     pub tls: Option<Arc<Certificates>>,
+    /// What each peer may do, on which studies (asked by C-FIND, C-MOVE, C-GET and C-STORE).
+    pub policy: Arc<crate::security::policy::Policy>,
 }
 
 /// Runs a DIMSE listener until `shutdown` fires; then stops accepting (associations in progress
@@ -164,7 +166,7 @@ pub async fn serve(
                     // whole read timeout.
                     let request_timeout = Duration::from_secs(ctx.config.read_timeout_secs)
                         .min(ASSOCIATION_REQUEST_TIMEOUT);
-                    let establishing = establish(socket, &ctx, certificate.as_deref());
+                    let establishing = establish(socket, peer, &ctx, certificate.as_deref());
                     match tokio::time::timeout(request_timeout, establishing).await {
                         Ok(Ok(assoc)) => {
                             drop(linger);
@@ -250,6 +252,7 @@ async fn secure(
 /// peer's TLS client certificate, checked against the certificates `[[dimse.peers]]` pin.
 async fn establish(
     mut socket: TcpStream,
+    peer: std::net::SocketAddr,
     ctx: &Context,
     certificate: Option<&str>,
 ) -> anyhow::Result<dicom_ul::association::server::AsyncServerAssociation<TcpStream>> {
@@ -267,7 +270,7 @@ async fn establish(
             negotiation::Proposal::Acceptable(served) => served,
             negotiation::Proposal::Unread => Vec::new(),
         };
-    Ok(negotiation::options(&ctx.config, served, certificate)
+    Ok(negotiation::options(&ctx.config, served, Some(peer.ip()), certificate)
         .establish_async(socket)
         .await?)
 }

@@ -26,10 +26,13 @@ use tokio::net::TcpStream;
 use super::{peers, qr, store, TRANSFER_SYNTAXES};
 use crate::config::{DimseConfig, PeerConfig};
 
-/// Accepts associations only when they call our AE title (if so configured), and from a calling
-/// AE title whose `[[dimse.peers]]` entries pin a TLS client certificate only with that certificate.
+/// Accepts associations only when they call our AE title (if so configured); with
+/// `require_known_peers`, only from a `[[dimse.peers]]` AE title (from its address, when pinned);
+/// and from an AE title whose peer entries pin a TLS client certificate only with that certificate.
 pub struct AeCheck {
     enforce_called: bool,
+    /// The peers a calling AE title must be one of (`None`: any caller), and where it connects from.
+    known_peers: Option<(Vec<PeerConfig>, Option<std::net::IpAddr>)>,
     peers: Vec<PeerConfig>,
     /// The subject of the verified TLS client certificate of this connection.
     certificate: Option<String>,
@@ -44,16 +47,23 @@ impl AccessControl for AeCheck {
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
         if self.enforce_called && called_ae_title.trim() != this_ae_title.trim() {
-            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
-        } else if !peers::certificate_matches(
-            &self.peers,
-            calling_ae_title,
-            self.certificate.as_deref(),
-        ) {
-            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
-        } else {
-            Ok(())
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
+        if let Some((peers, from)) = &self.known_peers {
+            let known = peers.iter().any(|p| {
+                p.ae_title.trim() == calling_ae_title.trim()
+                    && p.address.is_none_or(|a| Some(a) == *from)
+            });
+            if !known {
+                tracing::warn!(target: "audit", calling_ae = calling_ae_title.trim(), from = ?from, "association rejected: unknown peer");
+                return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+            }
+        }
+        if !peers::certificate_matches(&self.peers, calling_ae_title, self.certificate.as_deref()) {
+            tracing::warn!(target: "audit", calling_ae = calling_ae_title.trim(), certificate = self.certificate.as_deref(), "association rejected: not the certificate pinned for this AE title");
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        Ok(())
     }
 }
 
@@ -79,16 +89,20 @@ pub enum Proposal {
     Unread,
 }
 
-/// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification),
-/// `certificate` being the subject of the peer's TLS client certificate.
+/// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification);
+/// `from` is the peer's address, `certificate` the subject of its TLS client certificate.
 pub fn options(
     config: &DimseConfig,
     abstract_syntaxes: Vec<String>,
+    from: Option<std::net::IpAddr>,
     certificate: Option<&str>,
 ) -> Options {
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(AeCheck {
             enforce_called: config.check_called_ae,
+            known_peers: config
+                .require_known_peers
+                .then(|| (config.peers.clone(), from)),
             peers: config.peers.clone(),
             certificate: certificate.map(str::to_string),
         })

@@ -142,6 +142,29 @@ pub struct Request {
 }
 
 impl Request {
+    /// Who sent it, as the policy sees them.
+    pub fn identity(&self) -> crate::security::Identity {
+        crate::security::Identity::dimse_peer(&self.calling_ae, self.peer.ip(), None)
+    }
+
+    /// The studies the policy lets the caller do `action` on; `Err` (0124) when none.
+    pub fn scope(
+        &self,
+        policy: &crate::security::policy::Policy,
+        action: crate::security::Action,
+    ) -> Result<crate::security::policy::Scope, Failure> {
+        match policy.scope(&self.identity(), action) {
+            crate::security::policy::Scope::Nothing => {
+                tracing::warn!(target: "audit", calling_ae = %self.calling_ae, peer = %self.peer, ?action, "refused by the policy");
+                Err(Failure::new(
+                    status::NOT_AUTHORIZED,
+                    "not authorized by the policy",
+                ))
+            }
+            scope => Ok(scope),
+        }
+    }
+
     pub fn message_id(&self) -> u16 {
         self.cmd.message_id().unwrap_or(0)
     }

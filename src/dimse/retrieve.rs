@@ -25,6 +25,7 @@ use super::qr::{self, status, Failure, Model, QrLevel, Request};
 use super::{dataset, Context};
 use crate::index::query::{Level, Query};
 use crate::ingest::layout::read_meta_extent;
+use crate::security::policy::Scope;
 use crate::storage::{read_all, ObjectStore};
 use crate::transcode::{self, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 
@@ -75,6 +76,7 @@ pub async fn matching_instances(
     ctx: &Context,
     model: Model,
     identifier: &InMemDicomObject,
+    scope: &Scope,
 ) -> Result<Vec<Instance>, Failure> {
     let level = QrLevel::of(model, identifier)?;
     let unique = match level {
@@ -98,6 +100,10 @@ pub async fn matching_instances(
     }
     let mut query = Query::new(level.engine_level());
     qr::add_keys(&mut query, identifier, |_| true)?;
+    // Instances of studies outside the caller's scope match nothing.
+    if let Scope::Studies(filters) = scope {
+        query.within(filters);
+    }
     let (where_sql, args) = query.where_sql();
     let sql = format!(
         "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.storage_key,
@@ -565,7 +571,8 @@ where
 pub async fn resolve(ctx: &Context, req: &Request, model: Model) -> Result<Vec<Instance>, Failure> {
     let identifier = dataset::decode(&req.identifier, &req.transfer_syntax)
         .map_err(|e| Failure::new(status::UNABLE_TO_PROCESS, format!("identifier: {e}")))?;
-    matching_instances(ctx, model, &identifier).await
+    let scope = req.scope(&ctx.policy, crate::security::Action::Read)?;
+    matching_instances(ctx, model, &identifier, &scope).await
 }
 
 #[cfg(test)]

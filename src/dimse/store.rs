@@ -8,11 +8,15 @@ use dicom_object::meta::FileMetaTableBuilder;
 use super::command::{elem, field, Command, CommandBuilder, NO_DATA_SET};
 use super::Context;
 use crate::ingest::{EarlyHeader, Expected, IngestError, Outcome, SpoolWriter};
+use crate::security::policy::Scope;
+use crate::security::{Action, Identity};
 
 /// C-STORE status codes (PS3.4 B.2.3, PS3.7 C).
 pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Refused: Not Authorized (PS3.7 C.5.x, PS3.4 B.2.3).
+    pub const NOT_AUTHORIZED: u16 = 0x0124;
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
     pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
@@ -62,6 +66,7 @@ impl PendingStore {
         context_abstract_syntax: &str,
         transfer_syntax: &str,
         calling_ae: &str,
+        peer: std::net::IpAddr,
     ) -> PendingStore {
         let message_id = cmd.message_id().unwrap_or(0);
         let sop_class = cmd.string(elem::AFFECTED_SOP_CLASS_UID).unwrap_or_default();
@@ -102,6 +107,17 @@ impl PendingStore {
             pending.early_reply = Some(Reply::failure(
                 status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
                 "Affected SOP Instance UID is missing or invalid",
+            ));
+            return pending;
+        }
+        // A store scoped to some studies would need the object's attributes before it is kept: not
+        // supported yet, so only an unscoped store right stores.
+        let identity = Identity::dimse_peer(calling_ae, peer, None);
+        if ctx.policy.scope(&identity, Action::Store) != Scope::All {
+            tracing::warn!(target: "audit", calling_ae, %peer, "C-STORE refused by the policy");
+            pending.early_reply = Some(Reply::failure(
+                status::NOT_AUTHORIZED,
+                "not authorized to store",
             ));
             return pending;
         }

@@ -17,7 +17,7 @@ mod capability;
 pub mod http;
 pub mod iid;
 pub mod mapping;
-mod outcome;
+pub mod outcome;
 pub mod push;
 mod rest;
 mod search;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde_json::{json, Map, Value};
 
 use super::mapping::{self, Context, Endpoints, DICOMWEB_ENDPOINT_ID};
@@ -16,6 +17,7 @@ use super::{capability, FhirState, CONTENT_TYPE};
 use crate::config::SubjectMode;
 use crate::index::fhir as store;
 use crate::index::query::is_valid_uid;
+use crate::security::policy::Scope;
 
 const JSON_TYPES: &[&str] = &[
     "application/fhir+json",
@@ -202,11 +204,16 @@ fn entry(full_url: String, resource: Value, mode: &str) -> Value {
 
 pub async fn search_studies(
     State(state): State<Arc<FhirState>>,
+    Extension(scope): Extension<Scope>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, FhirError> {
     check_format(&headers, raw.as_deref())?;
-    let search = search::imaging_study(raw.as_deref(), &state.config, strict(&headers))?;
+    let mut search = search::imaging_study(raw.as_deref(), &state.config, strict(&headers))?;
+    // Only the studies the caller may search, in the SQL (the total and the pages too).
+    if let Scope::Studies(filters) = &scope {
+        search.filter.query.within(filters);
+    }
     let pool = state.web.index.read_pool();
     let base = state.fhir_base(&headers);
     let self_url = format!("{base}/ImagingStudy");

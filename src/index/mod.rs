@@ -169,6 +169,21 @@ impl Index {
         self.writer.outbox(op).await
     }
 
+    /// Whether study `study_uid` is indexed and within `filters` (a caller's study scope).
+    pub async fn study_within(
+        &self,
+        study_uid: &str,
+        filters: &[query::StudyFilter],
+    ) -> sqlx::Result<bool> {
+        let mut args = vec![query::Arg::Text(study_uid.to_string())];
+        let within = query::within_sql(filters, &mut args);
+        let sql = format!("SELECT 1 FROM studies st WHERE st.study_uid = ? AND {within}");
+        let row = bind_args(sqlx::query(&sql), &args)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// The storage key the index holds for an instance.
     pub async fn storage_key_of(&self, sop_instance_uid: &str) -> sqlx::Result<Option<String>> {
         sqlx::query_scalar("SELECT storage_key FROM instances WHERE sop_instance_uid = ?")

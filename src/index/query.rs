@@ -215,6 +215,40 @@ pub struct Query {
     sequences: Vec<SequenceFilter>,
     pub limit: Option<u64>,
     pub offset: u64,
+    /// The studies the caller may see (`security::policy`): `None` all of them.
+    within: Option<Vec<StudyFilter>>,
+}
+
+/// Studies whose `attribute` (a study-level attribute, as kept in the study's DICOM JSON) has one of
+/// `values`: how the security policy's study scope enters the SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyFilter {
+    pub attribute: Tag,
+    pub values: Vec<String>,
+}
+
+/// `(f1 OR f2 ...)` over the studies alias `st`; no filter at all matches no study.
+pub fn within_sql(filters: &[StudyFilter], args: &mut Vec<Arg>) -> String {
+    let alternatives: Vec<String> = filters
+        .iter()
+        .filter(|f| !f.values.is_empty())
+        .map(|f| {
+            let path = format!(
+                "$.\"{:04X}{:04X}\".Value[0]",
+                f.attribute.group(),
+                f.attribute.element()
+            );
+            args.push(Arg::Text(path));
+            args.extend(f.values.iter().cloned().map(Arg::Text));
+            let placeholders = vec!["?"; f.values.len()].join(", ");
+            format!("COALESCE(json_extract(st.attrs_json, ?), '') IN ({placeholders})")
+        })
+        .collect();
+    if alternatives.is_empty() {
+        "0".into()
+    } else {
+        format!("({})", alternatives.join(" OR "))
+    }
 }
 
 /// An item key of a sequence match: the JSON path of its first value and its matcher.
@@ -249,7 +283,14 @@ impl Query {
             sequences: Vec::new(),
             limit: None,
             offset: 0,
+            within: None,
         }
+    }
+
+    /// Restricts the query to the studies matching one of `filters` (the caller's scope; none: no
+    /// study), in the SQL, so that results, counts and pages see only those.
+    pub fn within(&mut self, filters: &[StudyFilter]) {
+        self.within = Some(filters.to_vec());
     }
 
     /// Adds a matching key. Returns Ok(false) when the attribute cannot be matched on at this level
@@ -392,6 +433,9 @@ impl Query {
         }
         for f in &self.sequences {
             sql.push(sequence_sql(f, &mut args));
+        }
+        if let Some(filters) = &self.within {
+            sql.push(within_sql(filters, &mut args));
         }
         (sql.join(" AND "), args)
     }
@@ -675,6 +719,35 @@ mod tests {
         assert_eq!(args, vec![Arg::Int(7)]);
         let mut query = Query::new(Level::Series);
         assert!(query.add_match(tags::SERIES_NUMBER, "x").is_err());
+    }
+
+    #[test]
+    fn study_scope_becomes_an_or_of_attribute_lists_and_nothing_matches_none() {
+        let mut q = Query::new(Level::Series);
+        q.add_match(tags::MODALITY, "CT").unwrap();
+        q.within(&[
+            StudyFilter {
+                attribute: tags::INSTITUTION_NAME,
+                values: vec!["A".into(), "B".into()],
+            },
+            StudyFilter {
+                attribute: tags::ISSUER_OF_PATIENT_ID,
+                values: vec!["HOSP".into()],
+            },
+        ]);
+        let (sql, args) = q.where_clause();
+        assert!(
+            sql.ends_with(
+                " AND (COALESCE(json_extract(st.attrs_json, ?), '') IN (?, ?) \
+             OR COALESCE(json_extract(st.attrs_json, ?), '') IN (?))"
+            ),
+            "{sql}"
+        );
+        assert_eq!(args[1], Arg::Text("$.\"00080080\".Value[0]".into()));
+        assert_eq!(args[4], Arg::Text("$.\"00100021\".Value[0]".into()));
+        let mut nothing = Query::new(Level::Study);
+        nothing.within(&[]);
+        assert_eq!(nothing.where_clause().0, "0");
     }
 
     #[test]

@@ -2,9 +2,21 @@
 //!
 //! - this file: [`Identity`] (who, as the protocol that carried the request authenticated them) and
 //!   [`Action`] (what a request asks to do);
-//! - [`http`]: the layer that puts an [`Identity`] into every HTTP request's extensions.
+//! - [`http`]: the layer that puts an [`Identity`] into every HTTP request's extensions, and answers
+//!   401 / 403 when `[auth]` is configured; [`authenticate`] checks an HTTP request's credentials:
+//!   bearer JWTs ([`jwt`], keys from [`jwks`]), API keys and basic users ([`credentials`]);
+//! - [`scopes`]: what a credential allows (the gateway's scopes and SMART scopes);
+//! - [`policy`]: the rules every protocol asks (decisions and study scopes for the SQL).
 
+pub mod authenticate;
+pub mod credentials;
 pub mod http;
+pub mod jwks;
+pub mod jwt;
+pub mod policy;
+pub mod scopes;
+
+pub use scopes::Scopes;
 
 use std::net::IpAddr;
 
@@ -48,6 +60,10 @@ pub struct Identity {
     pub ae_title: Option<String>,
     /// The subject of the TLS client certificate, when one was verified.
     pub certificate: Option<String>,
+    /// What the credential allows (HTTP; checked only when `[auth]` is configured).
+    pub scopes: Scopes,
+    /// The token's `groups` claim.
+    pub groups: Vec<String>,
 }
 
 impl Identity {
@@ -58,6 +74,8 @@ impl Identity {
             address,
             ae_title: None,
             certificate: None,
+            scopes: Scopes::default(),
+            groups: Vec::new(),
         }
     }
 
@@ -68,6 +86,8 @@ impl Identity {
             address: Some(address),
             ae_title: Some(ae_title.trim().to_string()),
             certificate,
+            scopes: Scopes::default(),
+            groups: Vec::new(),
         }
     }
 }
