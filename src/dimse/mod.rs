@@ -270,9 +270,11 @@ async fn establish(
             negotiation::Proposal::Acceptable(served) => served,
             negotiation::Proposal::Unread => Vec::new(),
         };
-    Ok(negotiation::options(&ctx.config, served, Some(peer.ip()), certificate)
-        .establish_async(socket)
-        .await?)
+    Ok(
+        negotiation::options(&ctx.config, served, Some(peer.ip()), certificate)
+            .establish_async(socket)
+            .await?,
+    )
 }
 
 /// Answers an association request with A-ASSOCIATE-RJ (transient, local limit exceeded).
