@@ -19,6 +19,8 @@
 //! - [`app`]: wiring, start-up recovery, shutdown; [`http_server`]: the HTTP server and its limits;
 //!   [`config`]: configuration;
 //! - [`security`]: who is calling ([`security::Identity`]) and what they may do;
+//! - [`tls`]: the certificate for DICOM TLS, HTTPS and TLS move destinations (reloaded live);
+//!   [`exposure`]: secure by default (who can reach the listeners);
 //! - [`reindex`]: rebuilding the index from storage (`dicom-gateway reindex`).
 
 pub mod app;
@@ -26,6 +28,7 @@ pub mod config;
 pub mod dicom;
 pub mod dicomweb;
 pub mod dimse;
+pub mod exposure;
 pub mod fhir;
 #[cfg(fuzzing)]
 pub mod fuzzing;
@@ -38,6 +41,7 @@ pub mod render;
 pub mod security;
 pub mod storage;
 pub mod stored_frame;
+pub mod tls;
 pub mod transcode;
 pub mod viewer;
 
