@@ -32,11 +32,13 @@ pub fn command(data: &[u8]) {
 /// group, the walk that checks every length before dicom-rs parses, the bulk-data plan, dicom-rs's
 /// parse of the header, the frame layout; and the early header read from its first bytes.
 pub fn part10_object(data: &[u8]) {
+    let _ = crate::dicom::walk_part10(data);
     crate::ingest::parse_for_fuzzing(data);
 }
 
 /// A deflated data set (Deflated Explicit VR Little Endian): measured, then walked inflated.
 pub fn deflated_dataset(data: &[u8]) {
+    let _ = crate::dicom::walk_deflated(data);
     let mut object = Vec::with_capacity(data.len() + 256);
     object.extend_from_slice(&[0u8; 128]);
     object.extend_from_slice(b"DICM");
