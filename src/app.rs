@@ -95,13 +95,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => reconcile(store.clone(), index.clone(), ingestor.clone()).await,
     }
 
-    let dimse_listener = TcpListener::bind(&config.dimse.bind)
-        .await
-        .with_context(|| format!("binding DIMSE to {}", config.dimse.bind))?;
-    let http_listener = TcpListener::bind(&config.http.bind)
-        .await
-        .with_context(|| format!("binding HTTP to {}", config.http.bind))?;
+    let uses_tls = !config.dimse.tls_bind.is_empty()
+        || config.http.tls
+        || config.dimse.peers.iter().any(|p| p.tls);
+    let certificates = match uses_tls {
+        true => Some(crate::tls::Certificates::load(&config.tls).context("loading [tls]")?),
+        false => None,
+    };
+    let dimse_listener = bind("DIMSE", &config.dimse.bind).await?;
+    let dimse_tls_listener = bind("DICOM TLS", &config.dimse.tls_bind).await?;
+    let http_listener = bind("HTTP", &config.http.bind)
+        .await?
+        .context("http.bind is empty")?;
+    let dimse_addrs = [&dimse_listener, &dimse_tls_listener]
+        .into_iter()
+        .flatten()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::exposure::check(&config, http_listener.local_addr()?, &dimse_addrs)?;
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    if let Some(certificates) = &certificates {
+        tokio::spawn(certificates.clone().watch(stopping.clone()));
+    }
     let store_for_close = store.clone();
     let policy = Arc::new(crate::security::policy::Policy::new(&config.policy.rules)?);
     let index_for_stop = index.clone();
@@ -113,6 +128,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         index: index.clone(),
         store: store.clone(),
         shutdown: stopping.clone(),
+        tls: certificates.clone(),
         policy: policy.clone(),
     });
     let web = Arc::new(WebState {
@@ -122,6 +138,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         allow_delete: config.http.allow_delete,
         public_url: config.http.public_url.clone(),
         listen_port: http_listener.local_addr()?.port(),
+        https: config.http.tls,
         stow: dicomweb::stow::StowConfig {
             max_request_size: config.http.max_stow_size,
             max_object_size: config.dimse.max_object_size,
@@ -161,17 +178,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         http_router(web, fhir, ohif, gate, &config.http),
         &config.http,
     );
-    tracing::info!(addr = %http_listener.local_addr()?, "HTTP listening");
+    tracing::info!(addr = %http_listener.local_addr()?, https = config.http.tls, "HTTP listening");
 
     // Every association holds a slot until it ends: on shutdown, all slots back means all done.
     let slots = Arc::new(Semaphore::new(config.dimse.max_associations));
-    let mut dimse_task = tokio::spawn(dimse::serve(dimse_listener, dimse_ctx, slots.clone()));
+    // The plain and the TLS listener share the association cap.
+    let listeners = [
+        (dimse_listener, None),
+        (dimse_tls_listener, certificates.clone()),
+    ];
+    let serving = listeners.into_iter().filter_map(|(listener, tls)| {
+        let listener = listener?;
+        Some(dimse::serve(
+            listener,
+            dimse_ctx.clone(),
+            slots.clone(),
+            tls,
+        ))
+    });
+    let mut dimse_task = tokio::spawn(futures::future::try_join_all(serving));
     let http_config = config.http.clone();
+    let http_tls = certificates.filter(|_| config.http.tls);
     let mut http_task = tokio::spawn(async move {
-        http_server::serve(http_listener, router, &http_config, stopping).await
+        http_server::serve(http_listener, router, &http_config, stopping, http_tls).await
     });
     tokio::select! {
-        r = &mut dimse_task => return r?,
+        r = &mut dimse_task => return r?.map(drop),
         r = &mut http_task => return r?,
         _ = shutdown_signal() => {}
     }
@@ -205,6 +237,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "storage not closed cleanly: the next start reconciles");
     }
     Ok(())
+}
+
+/// A listener on `addr`; none when `addr` is empty.
+async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} to {addr}"))?;
+    Ok(Some(listener))
 }
 
 async fn shutdown_signal() {

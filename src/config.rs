@@ -26,6 +26,7 @@ pub struct Config {
     pub fhir: FhirConfig,
     pub viewer: ViewerConfig,
     pub render: RenderConfig,
+    pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
@@ -45,7 +46,10 @@ pub enum DuplicatePolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct DimseConfig {
     pub ae_title: String,
+    /// The plain DIMSE listener; empty: none.
     pub bind: String,
+    /// The DICOM TLS listener (PS3.15 B.9 / B.11, certificate from `[tls]`); empty: none.
+    pub tls_bind: String,
     /// Reject associations whose called AE title is not `ae_title`.
     pub check_called_ae: bool,
     /// Accept Storage SOP classes that are not in the standard dictionary (private classes).
@@ -97,6 +101,13 @@ pub struct PeerConfig {
     /// May send C-MOVE and C-GET.
     #[serde(default = "yes")]
     pub retrieve: bool,
+    /// When set, this AE's associations are accepted only over TLS with a client certificate of
+    /// exactly this subject (RFC 4514, e.g. `CN=modality1,O=Hospital`).
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// C-MOVE sub-operations to this AE go over TLS (its certificate checked against `[tls] ca`).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 fn yes() -> bool {
@@ -107,6 +118,10 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub bind: String,
+    /// HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with the `[tls]` certificate instead of plain HTTP.
+    pub tls: bool,
+    /// Serve HTTP on an address other machines reach although no authentication is configured.
+    pub allow_anonymous: bool,
     /// Base URL clients reach the gateway at (for RetrieveURL / BulkDataURI); derived from the
     /// request's Host header when empty.
     pub public_url: String,
@@ -409,6 +424,35 @@ impl Default for ViewerConfig {
     }
 }
 
+/// The gateway's certificate (`[tls]`), for the DICOM TLS listener, HTTPS and TLS to move
+/// destinations; the files are read again on SIGHUP and when they change.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// PEM CA certificates: when set, DICOM TLS clients must present a certificate one of them signed.
+    pub client_ca: String,
+    /// PEM CA certificates that sign the certificates of TLS move destinations; empty: `client_ca`.
+    pub ca: String,
+    /// How often the files' modification times are looked at (0: only on SIGHUP).
+    pub reload_check_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: String::new(),
+            key: String::new(),
+            client_ca: String::new(),
+            ca: String::new(),
+            reload_check_secs: 5,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -420,7 +464,8 @@ impl Default for DimseConfig {
     fn default() -> Self {
         DimseConfig {
             ae_title: "DICOMGW".into(),
-            bind: "0.0.0.0:11112".into(),
+            bind: "127.0.0.1:11112".into(),
+            tls_bind: String::new(),
             check_called_ae: true,
             accept_private_sop_classes: false,
             max_associations: 64,
@@ -441,7 +486,9 @@ impl Default for DimseConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            bind: "0.0.0.0:8080".into(),
+            bind: "127.0.0.1:8080".into(),
+            tls: false,
+            allow_anonymous: false,
             public_url: String::new(),
             cors_allowed_origins: vec!["*".into()],
             allow_delete: false,
@@ -665,6 +712,21 @@ impl Config {
                 );
             }
         }
+        if self.dimse.bind.is_empty() && self.dimse.tls_bind.is_empty() {
+            bail!("dimse.bind and dimse.tls_bind are both empty: no DIMSE listener");
+        }
+        let needs_certificate = !self.dimse.tls_bind.is_empty()
+            || self.http.tls
+            || self.dimse.peers.iter().any(|p| p.tls);
+        if needs_certificate && (self.tls.cert.is_empty() || self.tls.key.is_empty()) {
+            bail!("dimse.tls_bind, http.tls and TLS peers need tls.cert and tls.key");
+        }
+        if self.dimse.peers.iter().any(|p| p.tls)
+            && self.tls.ca.is_empty()
+            && self.tls.client_ca.is_empty()
+        {
+            bail!("dimse.peers with tls = true need tls.ca (or tls.client_ca) to check their certificates");
+        }
         if !(4096..=MAX_PDU_LENGTH).contains(&self.dimse.max_pdu_length) {
             bail!("dimse.max_pdu_length must be 4096 to {MAX_PDU_LENGTH}");
         }
@@ -840,6 +902,10 @@ mod tests {
         assert_eq!(c.dimse.ae_title, d.dimse.ae_title);
         assert_eq!(c.dimse.bind, d.dimse.bind);
         assert_eq!(c.http.bind, d.http.bind);
+        assert_eq!(c.dimse.tls_bind, d.dimse.tls_bind);
+        assert_eq!(c.http.tls, d.http.tls);
+        assert_eq!(c.http.allow_anonymous, d.http.allow_anonymous);
+        assert_eq!(c.tls, d.tls);
         assert_eq!(c.http.allow_delete, d.http.allow_delete);
         assert_eq!(c.storage.path, d.storage.path);
         assert_eq!(c.index.url, d.index.url);

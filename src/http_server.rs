@@ -7,8 +7,12 @@
 //! is read, `request_timeout_secs` bounds the time to its response's head (408): a response body
 //! (a streamed study) may take longer, its pace set by the client. Beyond `max_concurrent_requests`
 //! requests wait for a free slot; a body beyond `max_body_size` is refused (413), except STOW-RS's
-//! (held to `max_stow_size` by STOW itself). HTTP/1.1 only (as
-//! axum's `serve` here: plain-HTTP clients do not speak HTTP/2).
+//! (held to `max_stow_size` by STOW itself).
+//!
+//! With `[http] tls`, connections are HTTPS: the TLS handshake must end within
+//! `header_read_timeout_secs`, and a client that offers HTTP/2 by ALPN gets it (headers held to
+//! `max_header_size`, idle connections pinged); others get HTTP/1.1 with the limits above. Plain
+//! HTTP is HTTP/1.1 only (plain-HTTP clients do not speak HTTP/2 without being told to).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +25,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -32,6 +36,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::config::HttpConfig;
 use crate::dimse::stopped;
+use crate::tls::Certificates;
 
 /// The request limits of `config` around `router`. STOW-RS requests are exempt from the body size
 /// and response-time limits: their bodies are studies (held to `max_stow_size` by STOW itself, streamed
@@ -80,20 +85,44 @@ async fn one_of_the_slots(
     next.run(request).await
 }
 
+/// Serves a hyper connection (HTTP/1.1 or HTTP/2: the same methods, no common trait) until it
+/// ends or `shutdown` fires; then finishes the response in progress and closes.
+macro_rules! drive {
+    ($conn:expr, $shutdown:expr) => {{
+        let mut conn = std::pin::pin!($conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = stopped($shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 /// Serves `router` on `listener` until `shutdown` fires; then stops accepting and waits for the
 /// connections' requests in progress to finish (idle keep-alive connections are closed at once).
-/// The caller bounds that wait.
+/// The caller bounds that wait. With `tls`, connections are HTTPS.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     config: &HttpConfig,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    tls: Option<Arc<Certificates>>,
 ) -> anyhow::Result<()> {
+    let head_timeout = Duration::from_secs(config.header_read_timeout_secs);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(config.header_read_timeout_secs))
+        .header_read_timeout(head_timeout)
         .max_buf_size(config.max_header_size);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX))
+        // HTTP/2 has no request-head deadline: a connection whose client stops answering pings
+        // is closed instead.
+        .keep_alive_interval(head_timeout)
+        .keep_alive_timeout(head_timeout);
     // Every connection task holds a sender: once ours is dropped, `recv` ends when the last
     // connection has.
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
@@ -115,23 +144,49 @@ pub async fn serve(
         let service = TowerToHyperService::new(router.clone().map_request(
             move |request: hyper::Request<Incoming>| {
                 let mut request = request.map(Body::new);
+                with_host(&mut request);
                 request
                     .extensions_mut()
                     .insert(ConnectInfo::<SocketAddr>(peer));
                 request
             },
         ));
-        let conn = builder.serve_connection(TokioIo::new(tcp), service);
         let mut shutdown = shutdown.clone();
         let alive = alive.clone();
+        let (h1, h2) = (builder.clone(), h2.clone());
+        let tls = tls
+            .as_ref()
+            .map(|certificates| certificates.http_acceptor());
         tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stopped(&mut shutdown) => {
-                    // Finishes the response in progress, then closes.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let result = match tls {
+                None => drive!(
+                    h1.serve_connection(TokioIo::new(tcp), service),
+                    &mut shutdown
+                ),
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(head_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "no TLS handshake in time");
+                                return;
+                            }
+                        };
+                    if stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]) {
+                        drive!(
+                            h2.serve_connection(TokioIo::new(stream), service),
+                            &mut shutdown
+                        )
+                    } else {
+                        drive!(
+                            h1.serve_connection(TokioIo::new(stream), service),
+                            &mut shutdown
+                        )
+                    }
                 }
             };
             if let Err(e) = result {
@@ -144,6 +199,18 @@ pub async fn serve(
     drop(alive);
     let _ = all_closed.recv().await;
     Ok(())
+}
+
+/// An HTTP/2 request names its host in the URI (`:authority`), not in a Host header: one is added,
+/// so that URLs built from the Host header come out the same for HTTP/1.1 and HTTP/2.
+fn with_host<B>(request: &mut hyper::Request<B>) {
+    if request.headers().contains_key(hyper::header::HOST) {
+        return;
+    }
+    let authority = request.uri().authority().map(|a| a.as_str().parse());
+    if let Some(Ok(host)) = authority {
+        request.headers_mut().insert(hyper::header::HOST, host);
+    }
 }
 
 #[cfg(test)]

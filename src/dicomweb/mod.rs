@@ -17,6 +17,8 @@ mod media;
 mod metadata;
 mod multipart;
 mod qido;
+#[cfg(fuzzing)]
+pub use qido::sql_for_fuzzing as qido_sql_for_fuzzing;
 mod rendered;
 mod retrieve;
 pub mod stow;
@@ -46,6 +48,8 @@ pub struct WebState {
     pub public_url: String,
     /// The port we listen on, for a Host header that names no port (some clients omit it).
     pub listen_port: u16,
+    /// The HTTP listener speaks HTTPS (the scheme of URLs built from the Host header).
+    pub https: bool,
     pub stow: stow::StowConfig,
     /// QIDO-RS page size without `limit`, and the largest `limit` honoured.
     pub qido_default_limit: u64,
@@ -57,13 +61,13 @@ pub struct WebState {
 impl WebState {
     /// The DICOMweb base URL clients should use, e.g. `http://host:8080/dicomweb`.
     pub fn base_url(&self, headers: &HeaderMap) -> String {
-        base_url(&self.public_url, self.listen_port, headers)
+        base_url(&self.public_url, self.listen_port, self.https, headers)
     }
 }
 
 /// The base URL from the configured public URL, else the forwarding headers of a reverse proxy, else
 /// the Host header (completed with our port when it names none).
-fn base_url(public_url: &str, listen_port: u16, headers: &HeaderMap) -> String {
+fn base_url(public_url: &str, listen_port: u16, https: bool, headers: &HeaderMap) -> String {
     if !public_url.is_empty() {
         return format!("{}{ROOT}", public_url.trim_end_matches('/'));
     }
@@ -91,7 +95,7 @@ fn base_url(public_url: &str, listen_port: u16, headers: &HeaderMap) -> String {
     let scheme = headers
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
-        .unwrap_or("http");
+        .unwrap_or(if https { "https" } else { "http" });
     format!("{scheme}://{host}{ROOT}")
 }
 
@@ -197,7 +201,7 @@ mod tests {
 
     #[test]
     fn base_url_comes_from_config_then_forwarding_headers_then_host() {
-        let url = |h: &[(&'static str, &'static str)]| base_url("", 8080, &headers(h));
+        let url = |h: &[(&'static str, &'static str)]| base_url("", 8080, false, &headers(h));
         assert_eq!(url(&[("host", "pacs:9000")]), "http://pacs:9000/dicomweb");
         // A Host header without a port (some clients send one) means our own port.
         assert_eq!(
@@ -205,6 +209,10 @@ mod tests {
             "http://127.0.0.1:8080/dicomweb"
         );
         assert_eq!(url(&[("host", "[::1]")]), "http://[::1]:8080/dicomweb");
+        assert_eq!(
+            base_url("", 8443, true, &headers(&[("host", "pacs:8443")])),
+            "https://pacs:8443/dicomweb"
+        );
         assert_eq!(
             url(&[
                 ("host", "internal:8080"),
@@ -217,6 +225,7 @@ mod tests {
             base_url(
                 "https://imaging.example.org/",
                 8080,
+                false,
                 &headers(&[("host", "x:1")])
             ),
             "https://imaging.example.org/dicomweb"

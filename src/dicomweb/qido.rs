@@ -350,6 +350,14 @@ async fn run(
 
 /// QIDO-RS answers DICOM JSON only (PS3.18 10.6.2): an Accept that admits neither it nor
 /// `application/json` gets 406.
+/// A query string through the parser and the matching engine, for the fuzz targets.
+#[cfg(fuzzing)]
+pub fn sql_for_fuzzing(level: Level, query: &str) {
+    if let Ok(search) = parse_search(level, Some(query)) {
+        let _ = select_sql(&search);
+    }
+}
+
 fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
     let header = headers
         .get_all(axum::http::header::ACCEPT)

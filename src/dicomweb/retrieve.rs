@@ -26,9 +26,9 @@ use super::media::{
 };
 use super::multipart::MultipartWriter;
 use super::{check_uids, WebState};
+use crate::dicom::{locate_frames, read_meta_extent, Extent, Layout};
 use crate::index::StoredInstance;
 use crate::ingest::bulk::{swap_words, BulkValue};
-use crate::ingest::layout::{locate_frames, read_meta_extent, Extent, Layout};
 use crate::model::explicit_le::to_explicit_le_streamed;
 use crate::model::transcode::to_explicit_le;
 use crate::storage::{read_all, ObjectStore};

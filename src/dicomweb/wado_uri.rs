@@ -1,8 +1,9 @@
 //! WADO-URI (PS3.18 9, the URI service): `GET /wado?requestType=WADO&studyUID=..&seriesUID=..&
 //! objectUID=..`, mounted at the server root.
 //!
-//! `contentType` (a list, first supported wins): `application/dicom` (as stored, or in the
-//! `transferSyntax` asked for through the transcoder; 406 for what it cannot produce), `image/jpeg` (the default for an object with pixel data; objects without are
+//! `contentType` (a list, first supported wins): `application/dicom` (in the `transferSyntax` asked
+//! for, through the transcoder, 406 for what it cannot produce; by default Explicit VR Little Endian,
+//! see [`default_syntax`]), `image/jpeg` (the default for an object with pixel data; objects without are
 //! sent as `application/dicom`), `image/png`, `image/gif`. Image parameters: `frameNumber`,
 //! `windowCenter` + `windowWidth`, `rows` / `columns` (the image is fitted into them, keeping the
 //! aspect ratio), `region` (`x1,y1,x2,y2` as fractions of the image), `imageQuality`. `anonymize=yes`
@@ -15,6 +16,7 @@ use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+use super::media::EXPLICIT_VR_LE;
 use super::rendered::{image_response, DEFAULT_QUALITY};
 use super::WebState;
 use crate::index::StoredInstance;
@@ -225,13 +227,22 @@ pub async fn wado(
     }
 }
 
+/// What `application/dicom` without `transferSyntax` is sent in (PS3.18 9.4.2.4): Explicit VR Little
+/// Endian, the default of DICOMweb (Implicit VR and big endian are never used, 8.7.3), except pixel data
+/// the gateway holds only lossy compressed, or cannot decode, which is sent as stored (8.7.3's exception).
+fn default_syntax(stored: &str) -> Option<&'static str> {
+    let decompress = crate::transcode::check(stored, EXPLICIT_VR_LE).is_ok();
+    (stored != EXPLICIT_VR_LE && decompress && !crate::transcode::is_lossy(stored))
+        .then_some(EXPLICIT_VR_LE)
+}
+
 async fn dicom(
     state: &WebState,
     inst: &StoredInstance,
     transfer_syntax: Option<&str>,
 ) -> Result<Response, ApiError> {
     let stored = inst.transfer_syntax_uid.as_str();
-    match transfer_syntax {
+    match transfer_syntax.or_else(|| default_syntax(stored)) {
         None => {}
         Some(ts) if ts == stored => {}
         // Anything else through the transcoder (decompression of any stored syntax, lossless

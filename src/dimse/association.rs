@@ -19,6 +19,7 @@ use super::receive::{receive, Incoming, Pdv};
 use super::retrieve::OutContext;
 use super::store::PendingStore;
 use super::{stopped, Context};
+use crate::security::Identity;
 
 /// What the association is in the middle of receiving.
 enum State {
@@ -43,12 +44,16 @@ enum Action {
     Run(Box<Request>),
 }
 
+/// Serves an established association; `certificate` is the subject of the peer's verified TLS
+/// client certificate.
 pub async fn run(
     mut assoc: AsyncServerAssociation<TcpStream>,
     ctx: &Context,
     peer: std::net::SocketAddr,
+    certificate: Option<String>,
 ) {
     let calling_ae = assoc.peer_ae_title().trim().to_string();
+    let identity = Identity::dimse_peer(&calling_ae, peer.ip(), certificate);
     let contexts: HashMap<u8, OutContext> = assoc
         .presentation_contexts()
         .iter()
@@ -67,6 +72,7 @@ pub async fn run(
     tracing::info!(
         %peer,
         calling_ae,
+        certificate = identity.certificate.as_deref(),
         contexts = contexts.len(),
         "association accepted"
     );

@@ -17,7 +17,7 @@ pub fn decode(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, String> {
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
-    crate::ingest::layout::check_before_parse(&mut std::io::Cursor::new(bytes), 0, ts_uid)
+    crate::dicom::check_before_parse(&mut std::io::Cursor::new(bytes), 0, ts_uid)
         .map_err(|e| e.to_string())?;
     InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| e.to_string())
 }

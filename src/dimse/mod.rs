@@ -1,6 +1,7 @@
 //! DIMSE in: the DICOM upper layer listener and the services it provides.
 //!
-//! - this file: accept loop, association cap (and a cap on the rejections in progress);
+//! - this file: accept loop (plain, or DICOM TLS with the TLS connection relayed by
+//!   [`crate::tls::relay`]), association cap (and a cap on the rejections in progress);
 //! - [`negotiation`]: what an A-ASSOCIATE-RQ is answered (called AE title check, presentation
 //!   contexts and their IDs, PDU size, timeouts);
 //! - [`association`]: one association's message loop (PDV reassembly, release, abort);
@@ -18,17 +19,17 @@
 
 mod association;
 mod audited;
-mod command;
+pub(crate) mod command;
 mod dataset;
 mod echo;
 mod find;
 mod get;
 mod message;
 mod move_;
-mod negotiation;
+pub(crate) mod negotiation;
 mod peers;
 mod qr;
-mod receive;
+pub(crate) mod receive;
 mod retrieve;
 pub mod store;
 
@@ -49,6 +50,7 @@ use crate::config::DimseConfig;
 use crate::index::Index;
 use crate::ingest::Ingestor;
 use crate::storage::ObjectStore;
+use crate::tls::Certificates;
 
 /// Transfer syntaxes we accept on the wire (objects are stored as received).
 pub const TRANSFER_SYNTAXES: &[&str] = &[
@@ -104,23 +106,33 @@ pub struct Context {
     pub store: Arc<dyn ObjectStore>,
     /// Becomes true on shutdown: associations end at their next pause between messages.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Our certificate, for C-MOVE destinations with `tls = true` (always set when there are any).
+    pub tls: Option<Arc<Certificates>>,
     /// What each peer may do, on which studies (asked by C-FIND, C-MOVE, C-GET and C-STORE).
     pub policy: Arc<crate::security::policy::Policy>,
 }
 
-/// Runs the DIMSE listener until `shutdown` fires; then stops accepting (associations in progress
-/// go on, each holding a permit of `slots`, which the caller waits for).
+/// Runs a DIMSE listener until `shutdown` fires; then stops accepting (associations in progress
+/// go on, each holding a permit of `slots`, which the caller waits for). With `tls`, a connection
+/// is a DICOM TLS one (PS3.15 B.9 / B.11): the handshake comes first, and the client
+/// certificate's subject, when one was verified, goes with the association.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Context>,
     slots: Arc<Semaphore>,
+    tls: Option<Arc<Certificates>>,
 ) -> anyhow::Result<()> {
     let mut shutdown = ctx.shutdown.clone();
     // A flood of connections beyond the association cap is answered A-ASSOCIATE-RJ, but each answer
     // waits for the request and then for the peer to close: past this many at once, the connection
     // is closed at once instead.
     let rejecting = Arc::new(Semaphore::new(ctx.config.max_rejections_in_progress));
-    tracing::info!(addr = %listener.local_addr()?, ae_title = %ctx.config.ae_title, "DIMSE listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        ae_title = %ctx.config.ae_title,
+        tls = tls.is_some(),
+        "DIMSE listening"
+    );
     loop {
         let (socket, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -139,9 +151,13 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
+        let tls = tls.clone();
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
+                    let Some((socket, certificate)) = secure(socket, peer, tls).await else {
+                        return;
+                    };
                     // dicom-ul closes the socket as soon as it has sent an A-ASSOCIATE-RJ, and a
                     // requestor may then see the connection drop before it reads the rejection
                     // (pynetdicom reports an abort). A second handle keeps the connection open so
@@ -151,10 +167,11 @@ pub async fn serve(
                     // whole read timeout.
                     let request_timeout = Duration::from_secs(ctx.config.read_timeout_secs)
                         .min(ASSOCIATION_REQUEST_TIMEOUT);
-                    match tokio::time::timeout(request_timeout, establish(socket, &ctx)).await {
+                    let establishing = establish(socket, peer, &ctx, certificate.as_deref());
+                    match tokio::time::timeout(request_timeout, establishing).await {
                         Ok(Ok(assoc)) => {
                             drop(linger);
-                            association::run(assoc, &ctx, peer).await;
+                            association::run(assoc, &ctx, peer, certificate).await;
                         }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "association not established");
@@ -173,7 +190,9 @@ pub async fn serve(
                 Ok(permit) => {
                     tracing::warn!(%peer, "association limit reached, rejecting");
                     tokio::spawn(async move {
-                        reject_busy(socket, ctx.config.read_timeout_secs).await;
+                        if let Some((socket, _)) = secure(socket, peer, tls).await {
+                            reject_busy(socket, ctx.config.read_timeout_secs).await;
+                        }
                         drop(permit);
                     });
                 }
@@ -191,11 +210,52 @@ pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// A DICOM TLS connection: the handshake (within the association request time), then the
+/// connection as plain text and the verified client certificate's subject. A plain connection is
+/// returned as it is. `None`: refused (not TLS, an unknown CA, an expired certificate...), logged.
+async fn secure(
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Option<Arc<Certificates>>,
+) -> Option<(TcpStream, Option<String>)> {
+    let Some(tls) = tls else {
+        return Some((socket, None));
+    };
+    let handshake = tls.dimse_acceptor().accept(socket);
+    let stream = match tokio::time::timeout(ASSOCIATION_REQUEST_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "no TLS handshake in time");
+            return None;
+        }
+    };
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| crate::tls::subject::of(cert));
+    match crate::tls::relay::relay(stream) {
+        Ok(local) => Some((local, certificate)),
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "no local socket pair for a TLS connection");
+            None
+        }
+    }
+}
+
 /// Negotiates an association on a new connection: the request is checked first (see
-/// [`negotiation`]); an invalid one is answered with A-ABORT.
+/// [`negotiation`]); an invalid one is answered with A-ABORT. `certificate`: the subject of the
+/// peer's TLS client certificate, checked against the certificates `[[dimse.peers]]` pin.
 async fn establish(
     mut socket: TcpStream,
+    peer: std::net::SocketAddr,
     ctx: &Context,
+    certificate: Option<&str>,
 ) -> anyhow::Result<dicom_ul::association::server::AsyncServerAssociation<TcpStream>> {
     let served =
         match negotiation::peek_request(&socket, ctx.config.max_pdu_length, &ctx.config).await {
@@ -211,10 +271,11 @@ async fn establish(
             negotiation::Proposal::Acceptable(served) => served,
             negotiation::Proposal::Unread => Vec::new(),
         };
-    let from = socket.peer_addr().ok().map(|a| a.ip());
-    Ok(negotiation::options(&ctx.config, served, from)
-        .establish_async(socket)
-        .await?)
+    Ok(
+        negotiation::options(&ctx.config, served, Some(peer.ip()), certificate)
+            .establish_async(socket)
+            .await?,
+    )
 }
 
 /// Answers an association request with A-ASSOCIATE-RJ (transient, local limit exceeded).

@@ -5,10 +5,14 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::association::server::AsyncServerAssociation;
 use dicom_ul::pdu::PresentationContextResultReason;
 use dicom_ul::ClientAssociationOptions;
 use tokio::net::TcpStream;
+
+use crate::config::PeerConfig;
 
 use super::audited;
 use super::command::{elem, field};
@@ -72,9 +76,8 @@ pub async fn run(
     for (abstract_syntax, transfer_syntaxes) in retrieve::proposed_contexts(&instances) {
         options = options.with_presentation_context(abstract_syntax, transfer_syntaxes);
     }
-    let address = (destination.host.clone(), destination.port);
     let established =
-        tokio::time::timeout(CONNECT_TIMEOUT * 2, options.establish_async(address)).await;
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, connect(ctx, destination, options)).await;
     let mut sub = match established {
         Ok(Ok(sub)) => sub,
         Ok(Err(e)) => {
@@ -168,6 +171,34 @@ pub async fn run(
 }
 
 /// The destination cannot be reached: nothing could be sent (A702, every instance failed).
+/// The association to the Move Destination, over TLS for a peer with `tls = true`.
+async fn connect(
+    ctx: &Context,
+    destination: &PeerConfig,
+    options: ClientAssociationOptions<'_>,
+) -> anyhow::Result<AsyncClientAssociation<TcpStream>> {
+    let address = (destination.host.clone(), destination.port);
+    if !destination.tls {
+        return Ok(options.establish_async(address).await?);
+    }
+    let certificates = ctx.tls.as_ref().context("no [tls] certificate")?;
+    let (local, accepted_from) = crate::tls::relay::outgoing(
+        certificates.connector(),
+        destination.host.clone(),
+        destination.port,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    let mut sub = options.establish_async(local).await?;
+    // The relay takes the first connection to its loopback port: it must have been ours.
+    let ours = sub.inner_stream().local_addr()?;
+    if accepted_from.await.ok() != Some(ours) {
+        let _ = sub.abort().await;
+        anyhow::bail!("another local connection took the TLS relay to the move destination");
+    }
+    Ok(sub)
+}
+
 async fn unreachable_destination(
     assoc: &mut AsyncServerAssociation<TcpStream>,
     req: &Request,

@@ -23,18 +23,22 @@ use dicom_ul::pdu::{RequestorRoles, UserIdentity};
 use dicom_ul::Pdu;
 use tokio::net::TcpStream;
 
-use super::{qr, store, TRANSFER_SYNTAXES};
-use crate::config::DimseConfig;
+use super::{peers, qr, store, TRANSFER_SYNTAXES};
+use crate::config::{DimseConfig, PeerConfig};
 
-/// Accepts associations only when they call our AE title (if so configured) and, with
-/// `require_known_peers`, only from a `[[dimse.peers]]` AE title (from its address, when pinned).
-pub struct CalledAeCheck {
-    enforce: bool,
+/// Accepts associations only when they call our AE title (if so configured); with
+/// `require_known_peers`, only from a `[[dimse.peers]]` AE title (from its address, when pinned);
+/// and from an AE title whose peer entries pin a TLS client certificate only with that certificate.
+pub struct AeCheck {
+    enforce_called: bool,
     /// The peers a calling AE title must be one of (`None`: any caller), and where it connects from.
-    known_peers: Option<(Vec<crate::config::PeerConfig>, Option<std::net::IpAddr>)>,
+    known_peers: Option<(Vec<PeerConfig>, Option<std::net::IpAddr>)>,
+    peers: Vec<PeerConfig>,
+    /// The subject of the verified TLS client certificate of this connection.
+    certificate: Option<String>,
 }
 
-impl AccessControl for CalledAeCheck {
+impl AccessControl for AeCheck {
     fn check_access(
         &self,
         this_ae_title: &str,
@@ -42,7 +46,7 @@ impl AccessControl for CalledAeCheck {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        if self.enforce && called_ae_title.trim() != this_ae_title.trim() {
+        if self.enforce_called && called_ae_title.trim() != this_ae_title.trim() {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
         if let Some((peers, from)) = &self.known_peers {
@@ -54,6 +58,10 @@ impl AccessControl for CalledAeCheck {
                 tracing::warn!(target: "audit", calling_ae = calling_ae_title.trim(), from = ?from, "association rejected: unknown peer");
                 return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
             }
+        }
+        if !peers::certificate_matches(&self.peers, calling_ae_title, self.certificate.as_deref()) {
+            tracing::warn!(target: "audit", calling_ae = calling_ae_title.trim(), certificate = self.certificate.as_deref(), "association rejected: not the certificate pinned for this AE title");
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         Ok(())
     }
@@ -69,7 +77,7 @@ impl Negotiation for Roles {
     }
 }
 
-pub type Options = ServerAssociationOptions<'static, CalledAeCheck, Roles>;
+pub type Options = ServerAssociationOptions<'static, AeCheck, Roles>;
 
 /// What the peer proposed, as far as it matters before dicom-ul negotiates.
 pub enum Proposal {
@@ -81,18 +89,22 @@ pub enum Proposal {
     Unread,
 }
 
-/// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification).
+/// The options for one association: dicom-ul accepts exactly `abstract_syntaxes` (and Verification);
+/// `from` is the peer's address, `certificate` the subject of its TLS client certificate.
 pub fn options(
     config: &DimseConfig,
     abstract_syntaxes: Vec<String>,
     from: Option<std::net::IpAddr>,
+    certificate: Option<&str>,
 ) -> Options {
     let mut options = ServerAssociationOptions::new()
-        .ae_access_control(CalledAeCheck {
-            enforce: config.check_called_ae,
+        .ae_access_control(AeCheck {
+            enforce_called: config.check_called_ae,
             known_peers: config
                 .require_known_peers
                 .then(|| (config.peers.clone(), from)),
+            peers: config.peers.clone(),
+            certificate: certificate.map(str::to_string),
         })
         .ae_title(config.ae_title.clone())
         .max_pdu_length(config.max_pdu_length)
@@ -170,7 +182,12 @@ pub async fn peek_request(socket: &TcpStream, max_len: u32, config: &DimseConfig
     if !peek_full(socket, &mut buf).await {
         return Proposal::Unread;
     }
-    match dicom_ul::pdu::read_pdu(&mut Cursor::new(&buf[..]), max_len, true) {
+    proposal(&buf, max_len, config)
+}
+
+/// What the A-ASSOCIATE-RQ in `pdu` (the whole PDU) proposes; `Unread` if it is not one.
+pub fn proposal(pdu: &[u8], max_len: u32, config: &DimseConfig) -> Proposal {
+    match dicom_ul::pdu::read_pdu(&mut Cursor::new(pdu), max_len, true) {
         Ok(Some(Pdu::AssociationRQ(rq))) => check(&rq, config),
         _ => Proposal::Unread,
     }

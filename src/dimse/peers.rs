@@ -25,6 +25,22 @@ pub fn allowed(peers: &[PeerConfig], calling_ae: &str, from: IpAddr, right: Righ
     })
 }
 
+/// Whether an association from `calling_ae` presenting the TLS client certificate `certificate`
+/// (its subject) may go on: when peer entries for this AE title pin certificates, it must present
+/// one of them.
+pub fn certificate_matches(
+    peers: &[PeerConfig],
+    calling_ae: &str,
+    certificate: Option<&str>,
+) -> bool {
+    let mut pinned = peers
+        .iter()
+        .filter(|p| p.ae_title.trim() == calling_ae.trim())
+        .filter_map(|p| p.certificate.as_deref())
+        .peekable();
+    pinned.peek().is_none() || pinned.any(|pin| Some(pin.trim()) == certificate)
+}
+
 /// The configured peer a C-MOVE destination AE title names.
 pub fn destination<'a>(peers: &'a [PeerConfig], ae_title: &str) -> Option<&'a PeerConfig> {
     peers.iter().find(|p| p.ae_title.trim() == ae_title.trim())
@@ -42,6 +58,8 @@ mod tests {
             address: address.map(|a| a.parse().unwrap()),
             query,
             retrieve,
+            certificate: None,
+            tls: false,
         }
     }
 
@@ -64,5 +82,17 @@ mod tests {
         ));
         assert_eq!(destination(&peers, "PINNED").unwrap().port, 104);
         assert!(destination(&peers, "NOPE").is_none());
+    }
+
+    #[test]
+    fn a_pinned_certificate_must_be_the_one_presented() {
+        let mut pinned = peer("MOD", None, true, true);
+        pinned.certificate = Some("CN=mod1".into());
+        let peers = [pinned, peer("WS", None, true, true)];
+        assert!(certificate_matches(&peers, "MOD", Some("CN=mod1")));
+        assert!(!certificate_matches(&peers, "MOD", Some("CN=other")));
+        assert!(!certificate_matches(&peers, "MOD", None));
+        assert!(certificate_matches(&peers, "WS", None));
+        assert!(certificate_matches(&peers, "UNKNOWN", Some("CN=x")));
     }
 }

@@ -98,7 +98,10 @@ fn pdu_length(buf: &BytesMut) -> Option<usize> {
 }
 
 /// The PDU at the start of `buf` once it is complete, removed from `buf`.
-fn parse(buf: &mut BytesMut, max_pdu_length: u32) -> Result<Option<Incoming>, ProtocolError> {
+pub(crate) fn parse(
+    buf: &mut BytesMut,
+    max_pdu_length: u32,
+) -> Result<Option<Incoming>, ProtocolError> {
     let Some(len) = pdu_length(buf) else {
         return Ok(None);
     };

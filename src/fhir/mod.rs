@@ -116,7 +116,12 @@ pub fn start(
                 Some("0.0.0.0") | Some("[::]") | None => hostname(),
                 Some(h) => h.to_string(),
             };
-            let root = format!("http://{host}:{}{}", web.listen_port, crate::dicomweb::ROOT);
+            let scheme = if web.https { "https" } else { "http" };
+            let root = format!(
+                "{scheme}://{host}:{}{}",
+                web.listen_port,
+                crate::dicomweb::ROOT
+            );
             tracing::warn!(
                 dicomweb_root = root,
                 "FHIR push without http.public_url: pushed endpoints name this address"

@@ -53,7 +53,7 @@ pub struct InstanceAttrs {
     pub size_bytes: u64,
     /// The whole instance as DICOM JSON, bulk data as `{{BASE}}`-prefixed BulkDataURIs.
     pub metadata_json: String,
-    /// Serialised `ingest::layout::Layout`.
+    /// Serialised `dicom::Layout`.
     pub frame_layout: String,
     /// Where the values served as BulkDataURIs (other than pixel data) lie in the stored object:
     /// a JSON object, bulk path -> `ingest::bulk::BulkValue`.

@@ -17,7 +17,7 @@
 //! be bulk data, or hundreds of thousands of elements) is refused.
 //!
 //! Deflated data sets are not planned: their offsets are not those of the stored bytes, and the
-//! inflate checks (`inflate`) already bound what dicom-rs holds for them.
+//! inflate checks (`crate::dicom::deflate`) already bound what dicom-rs holds for them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -28,11 +28,14 @@ use dicom_dictionary_std::StandardDataDictionary;
 use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use super::encoded::{
-    nested_encoding, short_length_vr, Enc, Header, ITEM, ITEM_DELIMITER, MAX_DEPTH,
+use crate::dicom::header::{
+    nested_encoding, read_header, short_length_vr, Enc, Header, ITEM, ITEM_DELIMITER,
     SEQUENCE_DELIMITER, UNDEFINED,
 };
-use super::layout::{invalid, read_header, skip_items, Cursor};
+use crate::dicom::source::Cursor;
+use crate::dicom::validate::invalid;
+use crate::dicom::walk::skip_items;
+use crate::dicom::MAX_DEPTH;
 
 /// Binary values up to this many bytes are returned inline (InlineBinary), larger ones as a
 /// BulkDataURI.
@@ -153,7 +156,7 @@ impl BulkPlan {
 
 /// Walks the data set of the object in `reader` (everything dicom-rs parses: the top level up to
 /// the pixel data, and every sequence item) and plans what to leave out. Its lengths were checked
-/// against the object's size already (`layout::check_before_parse`, or the early header's walk).
+/// against the object's size already (`crate::dicom::check_before_parse`, or the early header's walk).
 pub fn plan<R: Read + Seek>(
     reader: &mut R,
     dataset_start: u64,

@@ -7,7 +7,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::bulk::{BulkPlan, INLINE_MAX};
-use super::layout::{ImageGeometry, Layout};
+use crate::dicom::{ImageGeometry, Layout};
 use crate::index::query::is_valid_uid;
 use crate::index::record::{InstanceAttrs, InstanceRecord, SeriesAttrs, StudyAttrs};
 use crate::index::temporal::{normalize_date, normalize_datetime, normalize_time, parse_offset};

@@ -23,7 +23,7 @@
 //! their WHATWG equivalents (the upper halves are identical), TIS 620 through windows-874.
 //! JIS X 0201 Romaji is decoded as ASCII (05/12 is the value delimiter, as for ISO 2022 IR 6).
 
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek};
 
 use dicom_core::ops::{AttributeSelector, AttributeSelectorStep};
 use dicom_core::value::{PrimitiveValue, Value};
@@ -35,10 +35,12 @@ use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use encoding_rs::Encoding;
 
-use crate::ingest::encoded::{
-    decode_header, nested_encoding, Enc, Header, ITEM, ITEM_DELIMITER, MAX_DEPTH,
-    SEQUENCE_DELIMITER, UNDEFINED,
+use crate::dicom::header::{
+    nested_encoding, read_header, Enc, Header, ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER, UNDEFINED,
 };
+use crate::dicom::source::Cursor;
+use crate::dicom::validate::check_depth;
+use crate::dicom::MAX_DEPTH;
 
 const ESC: u8 = 0x1B;
 
@@ -400,71 +402,16 @@ fn needs_fix(obj: &InMemDicomObject) -> bool {
 // ---------------------------------------------------------------------------------------------
 // the encoded data set
 
-/// A buffered reader that knows its position and the end of the file.
-struct Raw<'a, R: Read + Seek> {
-    inner: BufReader<&'a mut R>,
-    pos: u64,
-    end: u64,
-}
-
-impl<R: Read + Seek> Raw<'_, R> {
-    fn remaining(&self) -> u64 {
-        self.end.saturating_sub(self.pos)
-    }
-
-    fn check(&self, n: u64) -> io::Result<()> {
-        if n > self.remaining() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "value of {n} bytes at offset {} runs past the end of the object",
-                    self.pos
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn read<const N: usize>(&mut self) -> io::Result<[u8; N]> {
-        self.check(N as u64)?;
-        let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf)?;
-        self.pos += N as u64;
-        Ok(buf)
-    }
-
-    fn read_vec(&mut self, n: u32) -> io::Result<Vec<u8>> {
-        self.check(u64::from(n))?;
-        let mut buf = vec![0u8; n as usize];
-        self.inner.read_exact(&mut buf)?;
-        self.pos += u64::from(n);
-        Ok(buf)
-    }
-
-    fn skip(&mut self, n: u32) -> io::Result<()> {
-        self.check(u64::from(n))?;
-        self.inner.seek_relative(i64::from(n))?;
-        self.pos += u64::from(n);
-        Ok(())
-    }
-
-    fn header(&mut self, enc: Enc) -> io::Result<Header> {
-        let b: [u8; 8] = self.read()?;
-        let (mut h, long_length) = decode_header(enc, b);
-        let Some(vr) = h.vr else {
-            return Ok(h);
-        };
-        if !vr.iter().all(u8::is_ascii_uppercase) {
-            return Err(invalid(format!(
-                "invalid VR in element {}",
-                Tag::from(h.tag)
-            )));
-        }
-        if long_length {
-            // Unknown VRs have a 32-bit length too (PS3.5 7.1.2), as the layout walker reads them.
-            h.len = enc.u32(self.read()?);
-        }
-        Ok(h)
+/// Reads an element header, refusing a VR that is not two upper-case letters (dicom-rs would not
+/// have parsed such an element as this walk expects).
+fn header<R: Read + Seek>(raw: &mut Cursor<'_, R>, enc: Enc) -> io::Result<Header> {
+    let h = read_header(raw, enc)?;
+    match h.vr {
+        Some(vr) if !vr.iter().all(u8::is_ascii_uppercase) => Err(invalid(format!(
+            "invalid VR in element {}",
+            Tag::from(h.tag)
+        ))),
+        _ => Ok(h),
     }
 }
 
@@ -501,16 +448,14 @@ impl Walk {
     /// `in_force` the character set in force around it.
     fn dataset<R: Read + Seek>(
         &mut self,
-        raw: &mut Raw<'_, R>,
+        raw: &mut Cursor<'_, R>,
         enc: Enc,
         node: Option<&InMemDicomObject>,
         in_force: &[String],
         end: End,
         depth: u32,
     ) -> io::Result<()> {
-        if depth > MAX_DEPTH {
-            return Err(invalid("sequences nested too deeply".into()));
-        }
+        check_depth(depth)?;
         let own = node.and_then(declared_charset);
         let scope = own.as_deref().unwrap_or(in_force);
         let charset: Vec<&str> = scope.iter().map(String::as_str).collect();
@@ -525,7 +470,7 @@ impl Walk {
                 }
                 _ => {}
             }
-            let h = raw.header(enc)?;
+            let h = header(raw, enc)?;
             let tag = Tag::from(h.tag);
             if h.tag == ITEM_DELIMITER && matches!(end, End::Delimiter) {
                 return Ok(());
@@ -545,7 +490,7 @@ impl Walk {
                 Some((vr, Value::Primitive(current)))
                     if is_text(vr) && h.len != UNDEFINED && h.len > 0 =>
                 {
-                    let bytes = raw.read_vec(h.len)?;
+                    let bytes = raw.read_vec(u64::from(h.len))?;
                     let text = decode_text(&bytes, &charset, vr == VR::PN);
                     let value = if matches!(vr, VR::ST | VR::LT | VR::UT) {
                         PrimitiveValue::Str(text)
@@ -567,7 +512,7 @@ impl Walk {
                     // not a parsed sequence (e.g. encapsulated pixel data in an icon): skip it
                     self.sequence(raw, nested_enc, tag, h.len, None, in_force, depth)?;
                 }
-                _ => raw.skip(h.len)?,
+                _ => raw.skip(u64::from(h.len))?,
             }
         }
     }
@@ -576,7 +521,7 @@ impl Walk {
     #[allow(clippy::too_many_arguments)]
     fn sequence<R: Read + Seek>(
         &mut self,
-        raw: &mut Raw<'_, R>,
+        raw: &mut Cursor<'_, R>,
         enc: Enc,
         tag: Tag,
         len: u32,
@@ -587,7 +532,7 @@ impl Walk {
         let end = if len == UNDEFINED {
             None
         } else {
-            raw.check(u64::from(len))?;
+            raw.check_available(u64::from(len))?;
             Some(raw.pos + u64::from(len))
         };
         let mut index: u32 = 0;
@@ -599,18 +544,18 @@ impl Walk {
                 }
                 _ => {}
             }
-            let h = raw.header(enc)?;
+            let h = header(raw, enc)?;
             match h.tag {
                 SEQUENCE_DELIMITER if end.is_none() => return Ok(()),
                 ITEM => {
                     let item_end = if h.len == UNDEFINED {
                         End::Delimiter
                     } else {
-                        raw.check(u64::from(h.len))?;
+                        raw.check_available(u64::from(h.len))?;
                         End::At(raw.pos + u64::from(h.len))
                     };
                     match items {
-                        None if h.len != UNDEFINED => raw.skip(h.len)?,
+                        None if h.len != UNDEFINED => raw.skip(u64::from(h.len))?,
                         _ => {
                             let item = items.and_then(|it| it.get(index as usize));
                             self.path.push((tag, index));
@@ -700,19 +645,14 @@ fn redecode<R: Read + Seek>(
     let Some(enc) = Enc::of(ts) else {
         return Ok(0);
     };
-    let end = reader.seek(SeekFrom::End(0))?;
-    if dataset_start > end {
+    let mut raw = Cursor::new(reader)?;
+    if dataset_start > raw.file_len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "data set start is past the end of the object",
         ));
     }
-    reader.seek(SeekFrom::Start(dataset_start))?;
-    let mut raw = Raw {
-        inner: BufReader::with_capacity(8192, reader),
-        pos: dataset_start,
-        end,
-    };
+    raw.seek_to(dataset_start);
     let fixes = {
         let top = declared_charset(obj).unwrap_or_default();
         let mut walk = Walk {
@@ -738,6 +678,7 @@ fn redecode<R: Read + Seek>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::SeekFrom;
     use std::path::{Path, PathBuf};
 
     #[test]
@@ -897,7 +838,7 @@ mod tests {
         let original: InMemDicomObject = (*obj).clone();
         let mut fixed = original.clone();
         let mut file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-        let (start, ts) = crate::ingest::layout::read_meta_extent(&mut file).unwrap();
+        let (start, ts) = crate::dicom::read_meta_extent(&mut file).unwrap();
         fix_text_encoding(&mut fixed, &mut file, start, &ts).unwrap();
         (original, fixed)
     }
@@ -1193,17 +1134,17 @@ mod tests {
             // as in ingest: objects whose encoded structure is broken are rejected before
             // parsing (dicom-rs spends a long time rejecting some of them)
             let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
-            let Ok((start, ts)) = crate::ingest::layout::read_meta_extent(&mut file) else {
+            let Ok((start, ts)) = crate::dicom::read_meta_extent(&mut file) else {
                 continue;
             };
-            let prescan = crate::ingest::layout::ImageGeometry {
+            let prescan = crate::dicom::ImageGeometry {
                 rows: 0,
                 columns: 0,
                 samples_per_pixel: 1,
                 bits_allocated: 0,
                 number_of_frames: 1,
             };
-            if crate::ingest::layout::locate_frames(&mut file, start, &ts, &prescan).is_err() {
+            if crate::dicom::locate_frames(&mut file, start, &ts, &prescan).is_err() {
                 continue;
             }
             let mut bare = InMemDicomObject::new_empty();

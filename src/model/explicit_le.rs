@@ -18,10 +18,11 @@ use dicom_dictionary_std::StandardDataDictionary;
 use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use crate::ingest::encoded::{
-    decode_header, nested_encoding, short_length_vr, Enc, Header, ITEM, ITEM_DELIMITER, MAX_DEPTH,
+use crate::dicom::header::{
+    decode_header, nested_encoding, short_length_vr, Enc, Header, ITEM, ITEM_DELIMITER,
     SEQUENCE_DELIMITER, UNDEFINED,
 };
+use crate::dicom::MAX_DEPTH;
 
 use super::transcode::EXPLICIT_VR_LE;
 
@@ -480,11 +481,10 @@ mod tests {
                     continue;
                 }
                 let bytes = std::fs::read(&path).unwrap();
-                let native =
-                    crate::ingest::layout::read_meta_extent(&mut std::io::Cursor::new(&bytes))
-                        .ok()
-                        .and_then(|(_, ts)| TransferSyntaxRegistry.get(&ts))
-                        .is_some_and(|ts| !ts.is_encapsulated_pixel_data());
+                let native = crate::dicom::read_meta_extent(&mut std::io::Cursor::new(&bytes))
+                    .ok()
+                    .and_then(|(_, ts)| TransferSyntaxRegistry.get(&ts))
+                    .is_some_and(|ts| !ts.is_encapsulated_pixel_data());
                 let Ok(expected) = super::super::transcode::to_explicit_le(&bytes) else {
                     continue;
                 };

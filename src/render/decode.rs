@@ -1,6 +1,6 @@
 //! Turns one fetched frame into sample values: the header parsed, an encapsulated frame decoded by
 //! dicom-pixeldata's codecs (JPEG, JPEG-LS, JPEG 2000, HTJ2K) from an object holding just that
-//! frame (RLE by [`rle`], at any depth), native samples unpacked, masked to Bits Stored and
+//! frame (RLE by [`crate::transcode::rle`], at any depth), native samples unpacked, masked to Bits Stored and
 //! sign-extended.
 
 use dicom_core::value::PixelFragmentSequence;
@@ -11,9 +11,10 @@ use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 
 use super::attributes::{ImageInfo, Modality};
+use super::color;
 use super::source::{FetchedFrame, FrameBytes};
 use super::RenderError;
-use super::{color, rle};
+use crate::transcode::rle;
 
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";
@@ -96,7 +97,8 @@ pub fn decode(fetched: FetchedFrame) -> Result<Frame, RenderError> {
                 pixels,
                 usize::from(info.samples_per_pixel),
                 bytes,
-            )?;
+            )
+            .map_err(|e| RenderError::Invalid(e.to_string()))?;
             // RLE keeps the photometric interpretation; the samples come out pixel-interleaved.
             info.planar = false;
             native(info, &decoded)

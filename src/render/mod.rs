@@ -2,7 +2,8 @@
 //!
 //! - [`source`]: the header and the one frame asked for, read from storage by range;
 //! - [`decode`]: the frame decoded (dicom-pixeldata codecs for encapsulated syntaxes) and unpacked
-//!   into sample values, with [`attributes`] saying how to display them; [`rle`] RLE of any depth;
+//!   into sample values, with [`attributes`] saying how to display them (RLE of any
+//!   depth by [`crate::transcode::rle`]);
 //! - [`pipeline`]: Modality LUT, VOI ([`window`], [`lut`]), MONOCHROME1, colour ([`color`]);
 //! - [`encode`]: region, viewport, JPEG / PNG / GIF;
 //! - [`thumbnail`]: thumbnails cached in the index.
@@ -16,7 +17,6 @@ pub mod decode;
 pub mod encode;
 pub mod lut;
 pub mod pipeline;
-pub mod rle;
 pub mod source;
 pub mod thumbnail;
 pub mod window;

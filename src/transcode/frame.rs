@@ -130,7 +130,11 @@ pub fn decode(
     fragments: &[&[u8]],
 ) -> Result<Vec<u8>, TranscodeError> {
     if ts == RLE_LOSSLESS {
-        return super::rle::decode(header, &fragments.concat());
+        let pixels = usize::from(header.rows) * usize::from(header.columns);
+        let sample_bytes = usize::from(header.bits_allocated).div_ceil(8);
+        let samples = usize::from(header.samples_per_pixel);
+        return super::rle::decode(&fragments.concat(), pixels, samples, sample_bytes)
+            .map_err(|e| TranscodeError::Failed(e.to_string()));
     }
     if !matches!(header.bits_allocated, 8 | 16) {
         return Err(TranscodeError::Refused(format!(

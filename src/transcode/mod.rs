@@ -10,7 +10,7 @@
 
 mod frame;
 mod object;
-mod rle;
+pub mod rle;
 mod syntax;
 
 use std::sync::OnceLock;
@@ -23,11 +23,12 @@ use tokio::sync::{mpsc, Semaphore};
 
 use frame::PixelHeader;
 pub use object::Form;
-pub use syntax::{can_decode, check, is_native};
+pub use syntax::{can_decode, check, is_lossy, is_native};
 
+use crate::dicom::Layout;
 use crate::index::StoredInstance;
-use crate::ingest::layout::Layout;
 use crate::storage::{read_all, ObjectStore, StorageError};
+use crate::stored_frame::{self, FrameError};
 
 pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
@@ -157,26 +158,18 @@ pub async fn frame(
             "the frames of a big endian instance cannot be addressed for transcoding".into(),
         ));
     }
-    let extents = frame_extents(layout, index)?;
-    // Everything before the frame's first byte holds the header (and the pixel data element's
-    // own header, which the header parse stops at).
-    let head = store
-        .get_range(&inst.storage_key, 0, extents[0].offset)
-        .await?;
-    let mut parts = Vec::with_capacity(extents.len());
-    for extent in &extents {
-        parts.push(
-            store
-                .get_range(&inst.storage_key, extent.offset, extent.length)
-                .await?,
-        );
-    }
-    let target = target.to_string();
-    run_blocking(move || {
-        let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
-        make_frame(&stored, &head, &slices, &target)
-    })
+    let frame = stored_frame::fetch(
+        store,
+        &inst.storage_key,
+        &stored,
+        layout,
+        u32::try_from(index).unwrap_or(u32::MAX),
+    )
     .await
+    .map_err(frame_error)?;
+    let target = target.to_string();
+    run_blocking(move || make_frame(&stored, &frame.header, &frame.bytes.fragments(), &target))
+        .await
 }
 
 /// As [`frame`], for a native Explicit VR Little Endian object already in memory (the copy made of
@@ -188,10 +181,11 @@ pub async fn frame_of_copy(
     target: &str,
 ) -> Result<Vec<u8>, TranscodeError> {
     check(EXPLICIT_VR_LE, target)?;
-    let extents = frame_extents(layout, index)?;
+    let extents = stored_frame::frame_extents(layout, u32::try_from(index).unwrap_or(u32::MAX))
+        .map_err(frame_error)?;
     let target = target.to_string();
     run_blocking(move || {
-        let slice = |e: &crate::ingest::layout::Extent| {
+        let slice = |e: &crate::dicom::Extent| {
             object
                 .get(e.offset as usize..e.end() as usize)
                 .ok_or_else(|| TranscodeError::Failed("frame outside the object".into()))
@@ -203,32 +197,18 @@ pub async fn frame_of_copy(
     .await
 }
 
-/// Where frame `index` lies: its fragments, or its slice of native pixel data.
-fn frame_extents(
-    layout: &Layout,
-    index: usize,
-) -> Result<Vec<crate::ingest::layout::Extent>, TranscodeError> {
-    let extents = match layout {
-        Layout::Encapsulated { frames } => frames.get(index).cloned().unwrap_or_default(),
-        Layout::Native {
-            value,
-            frame_length,
-            frames,
-        } if index < *frames as usize => vec![crate::ingest::layout::Extent {
-            offset: value.offset + index as u64 * frame_length,
-            length: *frame_length,
-        }],
-        Layout::Native { .. } => Vec::new(),
-        Layout::NoPixelData | Layout::Unavailable => {
-            return Err(TranscodeError::Refused(
-                "the frames of this instance cannot be addressed for transcoding".into(),
-            ))
+/// What the frame source's refusals mean for transcoding.
+fn frame_error(e: FrameError) -> TranscodeError {
+    match e {
+        FrameError::NotAnImage | FrameError::Unaddressable => TranscodeError::Refused(
+            "the frames of this instance cannot be addressed for transcoding".into(),
+        ),
+        FrameError::NoSuchFrame { frame, .. } => {
+            TranscodeError::Failed(format!("no frame {frame}"))
         }
-    };
-    if extents.is_empty() {
-        return Err(TranscodeError::Failed(format!("no frame {}", index + 1)));
+        FrameError::Invalid(e) => TranscodeError::Failed(e),
+        FrameError::Storage(e) => TranscodeError::Storage(e),
     }
-    Ok(extents)
 }
 
 /// One frame in `target`, from the object's header (`head`: everything before the frame) and the

@@ -13,7 +13,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::frame::{self, PixelHeader};
 use super::{syntax, TranscodeError, IMPLICIT_VR_LE};
-use crate::ingest::layout::{locate_frames, read_meta_extent, Layout};
+use crate::dicom::{locate_frames, read_meta_extent, Layout};
 use crate::model::transcode as native;
 
 /// What is produced: a Part-10 file (WADO-RS, WADO-URI) or a bare data set (C-STORE sub-operations).

@@ -1,20 +1,27 @@
-//! RLE Lossless decoding (PS3.5 Annex G), written here because the registry's decoder handles 8 and
-//! 16 bits allocated only, and RT dose and other 32-bit images are stored in RLE too.
+//! RLE Lossless decoding (PS3.5 Annex G), the one decoder that transcoding and rendering use,
+//! written here because the registry's decoder handles 8 and 16 bits allocated only, and RT dose
+//! and other 32-bit images are stored in RLE too.
 //!
 //! A frame is one fragment: a 64-byte header (the number of segments, then up to 15 segment
 //! offsets), then the segments, each PackBits-coded. Segments come one per byte of each sample,
 //! most significant byte first, component after component; the output is little endian, colour by
 //! pixel.
 
-use super::frame::PixelHeader;
-use super::TranscodeError;
+/// A frame that is not valid RLE Lossless.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid RLE frame: {0}")]
+pub struct InvalidRle(String);
 
-/// Decodes one RLE frame into native little endian samples.
-pub fn decode(header: &PixelHeader, frame: &[u8]) -> Result<Vec<u8>, TranscodeError> {
-    let bad = |why: &str| TranscodeError::Failed(format!("invalid RLE frame: {why}"));
-    let sample_bytes = usize::from(header.bits_allocated).div_ceil(8);
-    let components = usize::from(header.samples_per_pixel);
-    let pixels = usize::from(header.rows) * usize::from(header.columns);
+/// Decodes one RLE frame of `pixels` pixels with `samples` samples of `sample_bytes` bytes each into
+/// native little endian samples, colour by pixel.
+pub fn decode(
+    frame: &[u8],
+    pixels: usize,
+    samples: usize,
+    sample_bytes: usize,
+) -> Result<Vec<u8>, InvalidRle> {
+    let bad = |why: &str| InvalidRle(why.to_string());
+    let components = samples;
     let word = |i: usize| -> Option<usize> {
         let b = frame.get(i * 4..i * 4 + 4)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -82,16 +89,9 @@ fn unpack_bits(coded: &[u8], limit: usize) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn header(bits: u16, samples: u16) -> PixelHeader {
-        PixelHeader {
-            rows: 1,
-            columns: 3,
-            samples_per_pixel: samples,
-            bits_allocated: bits,
-            bits_stored: bits,
-            photometric_interpretation: "MONOCHROME2".into(),
-            frames: 1,
-        }
+    /// Three pixels of `samples` samples of `bits` bits.
+    fn decode_3(bits: usize, samples: usize, frame: &[u8]) -> Result<Vec<u8>, InvalidRle> {
+        decode(frame, 3, samples, bits / 8)
     }
 
     fn frame(segments: &[&[u8]]) -> Vec<u8> {
@@ -127,7 +127,7 @@ mod tests {
             &[2, 0x03, 0x0C, 0x00],
             &[2, 0x04, 0x0D, 0x00],
         ]);
-        let out = decode(&header(32, 1), &f).unwrap();
+        let out = decode_3(32, 1, &f).unwrap();
         let values: Vec<u32> = out
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -138,11 +138,32 @@ mod tests {
     #[test]
     fn colour_is_interleaved_and_short_segments_fail() {
         let f = frame(&[&[(-2i8) as u8, 1], &[(-2i8) as u8, 2], &[(-2i8) as u8, 3]]);
-        assert_eq!(
-            decode(&header(8, 3), &f).unwrap(),
-            vec![1, 2, 3, 1, 2, 3, 1, 2, 3]
-        );
+        assert_eq!(decode_3(8, 3, &f).unwrap(), vec![1, 2, 3, 1, 2, 3, 1, 2, 3]);
         let short = frame(&[&[0, 1], &[0, 2], &[0, 3]]);
-        assert!(decode(&header(8, 3), &short).is_err());
+        assert!(decode_3(8, 3, &short).is_err());
+    }
+
+    #[test]
+    fn packbits_stops_at_the_limit() {
+        // 2 literals (n=1), a run of 3 x 7 (n=-2), a no-op (-128), 1 literal.
+        let data = [1, 10, 11, 0xFE, 7, 0x80, 0, 42];
+        assert_eq!(unpack_bits(&data, 100), vec![10, 11, 7, 7, 7, 42]);
+        assert_eq!(unpack_bits(&data, 3), vec![10, 11, 7, 7, 7]);
+    }
+
+    #[test]
+    fn sixteen_bit_planes_are_most_significant_first() {
+        // Two pixels, one 16-bit sample: values 0x0102 and 0x0304.
+        let mut frame = vec![0u8; 64];
+        frame[0] = 2; // two segments
+        frame[4] = 64; // high bytes
+        frame[8] = 67; // low bytes
+        frame.extend_from_slice(&[1, 0x01, 0x03]); // literal high bytes
+        frame.extend_from_slice(&[1, 0x02, 0x04]); // literal low bytes
+        assert_eq!(
+            decode(&frame, 2, 1, 2).unwrap(),
+            vec![0x02, 0x01, 0x04, 0x03]
+        );
+        assert!(decode(&frame, 2, 1, 4).is_err());
     }
 }

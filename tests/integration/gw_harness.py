@@ -47,8 +47,10 @@ class Gateway:
     """One gateway installation: ports and data directory stay the same across stop/start/kill9."""
 
     def __init__(self, workdir: Path, env: dict[str, str | None] | None = None, ae_title: str = "DICOMGW",
-                 args: list[str] | None = None):
-        """`env`: extra DICOMGW_* variables; a value of None removes a variable the harness would set."""
+                 args: list[str] | None = None, http_ca: str | None = None):
+        """`env`: extra DICOMGW_* variables; a value of None removes a variable the harness would set.
+        `http_ca`: the gateway serves HTTPS (`DICOMGW_HTTP__TLS=true` in `env`) with a certificate this CA
+        file verifies."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "data"
@@ -58,6 +60,7 @@ class Gateway:
         self.ae_title = ae_title
         self.extra_env = dict(env or {})
         self.args = list(args or [])
+        self.http_ca = http_ca
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -70,7 +73,8 @@ class Gateway:
 
     @property
     def http_root(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        scheme = "https" if self.http_ca else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def base_url(self) -> str:
@@ -142,7 +146,7 @@ class Gateway:
                     f"gateway exited with status {self.proc.returncode} before it was ready\n{self.log_tail()}"
                 )
             try:
-                r = requests.get(f"{self.http_root}/readyz", timeout=2)
+                r = requests.get(f"{self.http_root}/readyz", timeout=2, verify=self.http_ca or True)
                 last = f"/readyz -> {r.status_code}"
                 if r.status_code == 200 and self._dimse_accepts():
                     return

@@ -278,6 +278,20 @@ def test_wado_uri_dicom(corpus, gateway):
     ds = pydicom.dcmread(io.BytesIO(r.content))
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert np.array_equal(ds.pixel_array, implicit.ds.pixel_array)
+    # Without transferSyntax: Explicit VR Little Endian, the DICOMweb default (PS3.18 9.4.2.4), for an
+    # Implicit VR object and for a lossless compressed one; a lossy one is sent as stored.
+    r = wado(gateway, implicit, contentType="application/dicom")
+    assert r.status_code == 200
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(ds.pixel_array, implicit.ds.pixel_array)
+    lossless = next(s for s in corpus.acked if s.ts == "1.2.840.10008.1.2.4.70" and s.has_pixels)
+    ds = pydicom.dcmread(io.BytesIO(wado(gateway, lossless, contentType="application/dicom").content))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(ds.pixel_array, lossless.ds.pixel_array)
+    lossy = next(s for s in corpus.acked if s.ts == "1.2.840.10008.1.2.4.50" and s.has_pixels)
+    ds = pydicom.dcmread(io.BytesIO(wado(gateway, lossy, contentType="application/dicom").content))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
     # A JPEG 2000 lossless object decompressed by the transcoder.
     j2k = next(s for s in corpus.acked if s.ts == "1.2.840.10008.1.2.4.90" and s.name.startswith("pydicom/MR"))
     r = wado(gateway, j2k, contentType="application/dicom", transferSyntax="1.2.840.10008.1.2.1")

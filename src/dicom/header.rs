@@ -1,12 +1,13 @@
-//! Low-level pieces shared by the walkers over an encoded data set ([`super::layout`], which finds
-//! the pixel data and frame extents, and [`crate::model::charset`], which re-reads text values):
-//! the encoding of a data set, element header decoding and the item/delimiter tags.
+//! Element headers: how the elements of a data set are encoded ([`Enc`]), the decoding of an element
+//! (or item / delimiter) header, and the item and delimiter tags. Every walk over encoded bytes
+//! (the frame layout, validation, bulk data, charset re-decoding, the Explicit VR LE re-encoding)
+//! decodes headers here.
 
 use dicom_encoding::decode::DecodeFrom;
 use dicom_encoding::transfer_syntax::{Endianness, TransferSyntax};
+use std::io::{self, Read, Seek};
 
-/// Maximum nesting depth of sequences/items accepted before the input is rejected.
-pub const MAX_DEPTH: u32 = 64;
+use super::source::Cursor;
 
 pub(crate) const UNDEFINED: u32 = 0xFFFF_FFFF;
 pub(crate) const ITEM: (u16, u16) = (0xFFFE, 0xE000);
@@ -144,4 +145,13 @@ pub(crate) fn nested_encoding(enc: Enc, vr: Option<[u8; 2]>) -> Enc {
     } else {
         enc
     }
+}
+
+/// Reads the element (or item / delimiter) header at the cursor.
+pub(crate) fn read_header<R: Read + Seek>(cur: &mut Cursor<'_, R>, enc: Enc) -> io::Result<Header> {
+    let (mut header, long_length) = decode_header(enc, cur.read_array()?);
+    if long_length {
+        header.len = enc.u32(cur.read_array()?);
+    }
+    Ok(header)
 }

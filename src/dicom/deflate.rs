@@ -2,7 +2,7 @@
 //! meta group is one raw deflate stream (RFC 1951, no zlib header).
 //!
 //! Before dicom-rs parses such an object its inflated data set is walked like any other (see
-//! `layout::check_before_parse`); this module measures the stream and presents it to that walk as a
+//! `validate::check_before_parse`); this module measures the stream and presents it to that walk as a
 //! forward-only reader. Deflate inflates up to ~1000 times, so a few megabytes could otherwise make
 //! the gateway inflate, and dicom-rs hold, gigabytes: the inflated size is capped relative to the
 //! deflated one.

@@ -1,0 +1,6 @@
+#![no_main]
+//! See `dicom_gateway::fuzzing::command`.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| dicom_gateway::fuzzing::command(data));
