@@ -123,7 +123,13 @@ impl Certificates {
                 _ = ticks.tick(), if !check.is_zero() => false,
                 _ = crate::dimse::stopped(&mut shutdown) => return,
             };
-            match self.reload(force) {
+            // Reading the files is blocking I/O (a stat every check; a hung network mount would
+            // hold a runtime thread): on a blocking thread.
+            let this = self.clone();
+            let reloaded = tokio::task::spawn_blocking(move || this.reload(force))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("reload task failed: {e}")));
+            match reloaded {
                 Ok(true) => tracing::info!(cert = %self.settings.cert, "TLS certificate reloaded"),
                 Ok(false) => {}
                 Err(e) => tracing::error!(
